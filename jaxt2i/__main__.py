@@ -1,0 +1,3 @@
+from jaxt2i.main import run
+
+run()

@@ -1,0 +1,129 @@
+"""The `jaxt2i` command line: flags only; every command calls a library function.
+
+  jaxt2i train --config configs/NAME.py[:VARIANT] --workdir DIR [--config.FIELD=VALUE ...]
+  jaxt2i data build shapes [--variant 64|32|128|tiny] [--data_dir DIR]
+  jaxt2i data build folder --path DIR --dataset_name NAME [--data_dir DIR]
+  jaxt2i data tokenizer --dataset NAME [--vocab_size N] [--out PATH] [--data_dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+USAGE = """usage: jaxt2i COMMAND [options]
+
+Text-to-image models in JAX/Flax.
+
+commands:
+  train      train (or resume) a recipe:  jaxt2i train --config configs/baseline_shapes.py:tiny --workdir /tmp/run
+             any config field can be overridden: --config.batch_size=128 --config.mesh.fsdp=4
+  data       build data sets and tokenizers:
+               jaxt2i data build shapes --variant 64          (shapes-v1, the built-in benchmark)
+               jaxt2i data build folder --path DIR --dataset_name NAME   (your image+caption files)
+               jaxt2i data tokenizer --dataset shapes_v1/64 --vocab_size 64
+
+`jaxt2i COMMAND --help` explains each command's options.
+"""
+
+
+def _train(argv: list[str]) -> None:
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file(
+      "config", None, "Recipe file: configs/NAME.py or configs/NAME.py:VARIANT. Fields can be "
+      "overridden with --config.FIELD=VALUE; unknown fields are rejected.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, config.json, metrics, "
+                      "samples. An existing run there is resumed.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def main(args):
+    if len(args) > 1:
+      raise app.UsageError(f"unexpected arguments {args[1:]}")
+    from jaxt2i.training import config as config_lib
+    from jaxt2i.training.trainer import train_and_evaluate
+    config = flags.FLAGS.config
+    try:
+      config_lib.validate(config)
+    except config_lib.ConfigError as e:
+      raise app.UsageError(str(e)) from None
+    train_and_evaluate(config, flags.FLAGS.workdir)
+
+  try:
+    app.run(main, argv=["jaxt2i train"] + argv)
+  except (AttributeError, KeyError) as e:
+    # ml_collections rejects --config.FIELD overrides of fields the recipe does not have.
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    field = str(e).strip("\"'")
+    bad = [o for o in overrides if o.split(".")[-1] == field] or overrides
+    sys.exit(f"jaxt2i train: unknown config field {field!r} (from {', '.join(bad)}); "
+             "see the recipe file for the fields it has")
+
+
+def _data(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(prog="jaxt2i data", description="Build data sets and tokenizers.")
+  sub = parser.add_subparsers(dest="action", required=True)
+  build = sub.add_parser("build", help="build a tfds data set (array_record) into --data_dir",
+                         description="Build a data set: 'shapes' (the shapes-v1 benchmark, "
+                         "generated) or 'folder' (image + caption files of your own).")
+  build.add_argument("name", choices=["shapes", "folder"])
+  build.add_argument("--variant", default="64", help="shapes: 64 | 32 | 128 | tiny (default 64)")
+  build.add_argument("--path", help="folder: the directory of images and captions")
+  build.add_argument("--dataset_name", help="folder: name to read it back as "
+                     "image_text_folder/NAME")
+  build.add_argument("--data_dir", default=None, help="default $JAXT2I_DATA_DIR or "
+                     "~/.cache/jaxt2i/data")
+  tok = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer on a data set's captions")
+  tok.add_argument("--dataset", required=True, help="e.g. shapes_v1/64")
+  tok.add_argument("--vocab_size", type=int, default=64)
+  tok.add_argument("--out", default=None, help="where to write the .model (default: cached "
+                   "beside the data)")
+  tok.add_argument("--data_dir", default=None)
+  args = parser.parse_args(argv)
+
+  from jaxt2i.data import builders, tokenizer
+  if args.action == "build":
+    kwargs = ({"variant": args.variant} if args.name == "shapes"
+              else {"path": args.path, "dataset_name": args.dataset_name})
+    if args.name == "folder" and not args.path:
+      parser.error("data build folder needs --path")
+    try:
+      summary = builders.build(args.name, data_dir=args.data_dir, **kwargs)
+    except ValueError as e:
+      sys.exit(f"jaxt2i data build: {e}")
+    print(json.dumps(summary, indent=2, default=str))
+  else:
+    if args.out:
+      source = builders.data_source(args.dataset, "train", data_dir=args.data_dir)
+      captions = (_caption(source[i]) for i in range(len(source)))
+      tokenizer.train_tokenizer(captions, args.out, vocab_size=args.vocab_size)
+      print(args.out)
+    else:
+      tok_obj = tokenizer.tokenizer_for_dataset(args.dataset, data_dir=args.data_dir,
+                                                vocab_size=args.vocab_size)
+      print(getattr(tok_obj, "path", tok_obj))
+
+
+def _caption(record) -> str:
+  caption = record["caption"]
+  return caption.decode("utf-8") if isinstance(caption, bytes) else caption
+
+
+COMMANDS = {"train": _train, "data": _data}
+
+
+def run(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(USAGE)
+    return
+  command = argv.pop(0)
+  if command not in COMMANDS:
+    sys.exit(f"jaxt2i: unknown command {command!r}\n\n{USAGE}")
+  COMMANDS[command](argv)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,79 @@
+"""The contract between one model family and the one trainer.
+
+A Task turns a config into a model and a loss. The trainer owns everything else: sharding,
+the optimizer, EMA, the step loop, checkpoints, metrics. Batches arrive as dicts of arrays
+made by jaxt2i.data.pipeline: `image` float [B, H, W, 3] in config.data.value_range,
+`tokens` int32 [B, L] and `tokens_mask` int32 [B, L].
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxt2i.training.config import ConfigError
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+
+
+class Task(abc.ABC):
+  """Subclasses set `name` and `default_model_config()`, and implement init / loss."""
+
+  name: str = ""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.compute_dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
+
+  @classmethod
+  def default_model_config(cls) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict()
+
+  def validate(self) -> None:
+    """Raises ConfigError for bad model fields; the default checks names against defaults."""
+    defaults = self.default_model_config()
+    unknown = sorted(set(self.config.model.keys()) - set(defaults.keys()))
+    if unknown:
+      raise ConfigError(f"unknown config field(s) {['model.' + k for k in unknown]} for task "
+                        f"{self.name!r}; it knows {sorted('model.' + k for k in defaults)}")
+
+  @abc.abstractmethod
+  def init(self, rng: jax.Array, batch: Batch) -> PyTree:
+    """Trainable params (may be boxed with logical axis names); `batch` is abstract-shaped."""
+
+  @abc.abstractmethod
+  def loss(self, params: PyTree, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
+    """Scalar training loss and a dict of scalar metrics (averaged over the batch)."""
+
+  def evaluate(self, params: PyTree, batch: Batch, rng: jax.Array) -> dict[str, jax.Array]:
+    """Optional periodic evaluation on a batch with the (EMA) params: scalar metrics and
+    images (uint8 [N, H, W, 3], logged as grids). Runs inside jit."""
+    return {}
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+  if not cls.name:
+    raise ValueError(f"{cls.__name__} needs a `name`")
+  TASKS[cls.name] = cls
+  return cls
+
+
+def get_task(config: ml_collections.ConfigDict) -> Task:
+  # Importing the package registers the built-in tasks.
+  import jaxt2i.tasks  # noqa: F401
+  if config.task not in TASKS:
+    raise ConfigError(f"config.task={config.task!r} is unknown; registered tasks: {sorted(TASKS)}")
+  task = TASKS[config.task](config)
+  task.validate()
+  return task
+
+

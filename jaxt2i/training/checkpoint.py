@@ -1,0 +1,121 @@
+"""Orbax checkpoints: one item per component, restorable onto any mesh.
+
+Items: `params`, `opt_state`, `ema_params` (when EMA is on), `counters` (step, skipped, ...),
+`data` (the grain iterator of every host) and `config` (JSON). Saves are asynchronous: the
+device->host copy happens before `save` returns (so the next step may donate the buffers),
+the write continues in the background. A save only becomes visible once finalised (written to
+a temporary directory, then renamed), so a process killed mid-save leaves the previous
+checkpoint as the latest one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxt2i.parallel import partitioning
+from jaxt2i.training.state import TrainState
+
+_ARRAY_ITEMS = ("params", "opt_state", "ema_params", "counters")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be restored into the current run."""
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the *target* shardings: restoring reshards onto them."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+  def __init__(self, directory: epath.PathLike, *, every_steps: int, keep: int,
+               async_save: bool = True):
+    self.directory = epath.Path(directory)
+    self.every_steps = every_steps
+    # The trainer decides when to save (every N steps, at the end, on preemption), so every
+    # save request is honoured; orbax alone would also save the very first step.
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=1, max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save,
+        # Temporary directories of saves interrupted by a kill are removed at start-up.
+        cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def due(self, step: int) -> bool:
+    return step % self.every_steps == 0
+
+  def save(self, state: TrainState, data_iter: Any, config: dict, *, force: bool = False) -> bool:
+    step = int(partitioning.fetch_replicated(state.step))
+    if not (force or self.due(step)):
+      return False
+    items = {
+        "params": ocp.args.StandardSave(state.params),
+        "opt_state": ocp.args.StandardSave(state.opt_state),
+        "counters": ocp.args.StandardSave(state.counters()),
+        "config": ocp.args.JsonSave(config),
+    }
+    if state.ema_params is not None:
+      items["ema_params"] = ocp.args.StandardSave(state.ema_params)
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    if saved:
+      logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  def restore(self, step: int, abstract_state: TrainState, shardings: TrainState,
+              data_iter: Any) -> TrainState:
+    """Restores `step` onto `shardings` (any mesh); `data_iter` is restored in place."""
+    stored = set(self.manager.item_metadata(step).keys())
+    missing = {"params", "opt_state", "counters"} - stored
+    if missing:
+      raise CheckpointError(f"checkpoint {self.directory}/{step} lacks items {sorted(missing)}")
+    items = {}
+    for name in _ARRAY_ITEMS:
+      if name == "counters":
+        target = _abstract(abstract_state.counters(), shardings.counters())
+      else:
+        target = getattr(abstract_state, name)
+        if target is None:
+          continue
+        if name not in stored:
+          raise CheckpointError(f"checkpoint step {step} has no {name!r} but the run needs it "
+                                "(was EMA off when it was written?)")
+        target = _abstract(target, getattr(shardings, name))
+      items[name] = ocp.args.StandardRestore(target)
+    if data_iter is not None:
+      if "data" not in stored:
+        raise CheckpointError(f"checkpoint step {step} has no data-iterator state")
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError) as e:
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} does not match this run's model/optimizer "
+          f"(changed config?): {e}") from e
+    counters = restored["counters"]
+    return TrainState(
+        step=counters["step"], params=restored["params"], opt_state=restored["opt_state"],
+        ema_params=restored.get("ema_params") if abstract_state.ema_params is not None else None,
+        loss_ema=counters["loss_ema"], skipped=counters["skipped"],
+        bad_streak=counters["bad_streak"])
+
+  def restore_config(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

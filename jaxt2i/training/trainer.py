@@ -1,0 +1,412 @@
+"""The one training loop, generic over a Task.
+
+    config -> mesh + logical_axis_rules -> task -> grain loader
+      -> abstract state (eval_shape) -> shardings -> jit(init, out_shardings) or Orbax restore
+      -> AOT-compiled step (explicit shardings, donated state) -> loop: metrics, evals,
+         async checkpoints, preemption
+Per-step RNG is fold_in(seed, step) and the data order comes from the checkpointed grain
+iterator, so a resumed run continues exactly as an uninterrupted one (bitwise on CPU).
+Skipped steps (non-finite loss or gradients, or a loss spike) leave params, optimizer state
+and EMA untouched but still advance the step and consume their batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxt2i.data import pipeline
+from jaxt2i.data.tokenizer import Tokenizer
+from jaxt2i.parallel import mesh as mesh_lib
+from jaxt2i.parallel import partitioning
+from jaxt2i.tasks.base import Task, get_task
+from jaxt2i.training import config as config_lib
+from jaxt2i.training import metrics as metrics_lib
+from jaxt2i.training.checkpoint import Checkpointer
+from jaxt2i.training.state import TrainState, init_state, lr_schedule, make_optimizer
+
+
+class TrainingDivergedError(RuntimeError):
+  """Too many consecutive steps had to be skipped."""
+
+
+class _PreemptionWatcher:
+  """SIGTERM (TPU maintenance, SLURM time limit, spot reclaim) -> save and exit cleanly.
+
+  With several processes, JAX's coordination service already listens for SIGTERM and all
+  processes agree on the step to stop at (`reached_preemption_sync_point`); a single process
+  uses its own handler.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._multi = jax.process_count() > 1
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and stopping")
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # preemption service not running
+        return False
+    return self.requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _abstract_batch(local: Mapping[str, np.ndarray], global_size: int,
+                    sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
+  return {k: jax.ShapeDtypeStruct((global_size,) + v.shape[1:], v.dtype, sharding=sharding)
+          for k, v in local.items() if k in pipeline.BATCH_KEYS}
+
+
+class Trainer:
+  """Builds everything from `config`; `train()` runs (or resumes) the loop.
+
+  `task`, `source` (training records), `eval_source` and `tokenizer` may be given directly
+  (tests, notebooks); otherwise they come from the config.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: epath.PathLike, *,
+               task: Task | None = None, source: Sequence[Mapping[str, Any]] | None = None,
+               eval_source: Sequence[Mapping[str, Any]] | None = None,
+               tokenizer: Tokenizer | None = None, devices: Sequence[jax.Device] | None = None):
+    config_lib.validate(config)
+    self.config = config
+    self.workdir = epath.Path(workdir)
+    self.task = task or get_task(config)
+    self.mesh = mesh_lib.create_mesh(config.mesh.to_dict(), devices)
+    config_lib.validate_batch(config, mesh_lib.batch_parallel_size(self.mesh), jax.process_count())
+    self.rules = partitioning.logical_axis_rules(config.sharding.strategy,
+                                                 config.sharding.extra_rules)
+    self.batch_sharding = partitioning.batch_sharding(self.mesh)
+    self.tx = make_optimizer(config.optim, config.train.num_steps)
+    self.schedule = lr_schedule(config.optim, config.train.num_steps)
+    self._source, self._eval_source, self._tokenizer = source, eval_source, tokenizer
+    self.checkpointer = Checkpointer(
+        self.workdir / "checkpoints", every_steps=config.checkpoint.every_steps,
+        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    self.writer = metrics_lib.MetricWriter(self.workdir)
+    logging.info("mesh %s over %d devices (%d processes); rules %s", dict(self.mesh.shape),
+                 self.mesh.size, jax.process_count(), self.rules)
+
+  # -- building ---------------------------------------------------------------------------
+
+  @contextlib.contextmanager
+  def _sharding_context(self):
+    """Mesh + logical rules in scope while tracing, so activation constraints resolve."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  def _tokenizer_or_load(self) -> Tokenizer:
+    if self._tokenizer is None:
+      self._tokenizer = pipeline.load_tokenizer(self.config.data)
+    return self._tokenizer
+
+  def make_loader(self, *, split: str | None = None, source=None, shuffle=None, num_epochs=None):
+    return pipeline.make_loader(
+        self.config.data, global_batch_size=self.config.batch_size, seed=self.config.seed,
+        split=split, source=source, tokenizer=self._tokenizer_or_load(), shuffle=shuffle,
+        num_epochs=num_epochs)
+
+  def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This host's numpy share -> global arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(
+        self.batch_sharding, np.asarray(v), (self.config.batch_size,) + v.shape[1:])
+            for k, v in local.items() if k in pipeline.BATCH_KEYS}
+
+  def build(self, abstract_batch: Mapping[str, jax.ShapeDtypeStruct]) -> None:
+    """Abstract state, its shardings, the sharded init and the compiled train step."""
+    task, tx, ema = self.task, self.tx, self.config.train.ema_decay > 0
+    self.abstract_batch = dict(abstract_batch)
+
+    def boxed_init(rng):
+      dummy = {k: jnp.zeros((1,) + s.shape[1:], s.dtype) for k, s in abstract_batch.items()}
+      return init_state(task.init(rng, dummy), tx, ema)
+
+    rng = jax.random.key(self.config.seed)
+    with self._sharding_context():
+      boxed = jax.eval_shape(boxed_init, rng)
+    self.state_shardings = partitioning.logical_to_shardings(boxed, self.mesh, self.rules)
+    self.abstract_state = partitioning.unbox(boxed)
+    self._init = jax.jit(lambda r: partitioning.unbox(boxed_init(r)),
+                         out_shardings=self.state_shardings)
+    replicated = partitioning.replicated(self.mesh)
+    step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                   out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        self.abstract_state, self.state_shardings)
+    start = time.perf_counter()
+    with self._sharding_context():
+      self.train_step = step.lower(abstract_state, self.abstract_batch).compile()
+    self.compile_seconds = time.perf_counter() - start
+    self._log_compile_report()
+    self._eval_step = jax.jit(task.evaluate, out_shardings=replicated)
+
+  def _log_compile_report(self) -> None:
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
+    report = [f"params {n_params / 1e6:.3f}M", f"compile {self.compile_seconds:.1f}s"]
+    try:
+      cost = self.train_step.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      if cost and "flops" in cost:
+        self.step_flops = float(cost["flops"])
+        report.append(f"XLA flops/step/device {self.step_flops:.3g}")
+    except Exception:  # cost analysis is best-effort and backend-specific
+      pass
+    try:
+      mem = self.train_step.memory_analysis()
+      if mem is not None:
+        gib = 1 << 30
+        report.append(
+            f"memory/device: args {mem.argument_size_in_bytes / gib:.3f} GiB, "
+            f"temp {mem.temp_size_in_bytes / gib:.3f} GiB, "
+            f"out {mem.output_size_in_bytes / gib:.3f} GiB (aliased "
+            f"{mem.alias_size_in_bytes / gib:.3f})")
+    except Exception:
+      pass
+    logging.info("train step compiled: %s", "; ".join(report))
+
+  # -- the step ---------------------------------------------------------------------------
+
+  def _grads(self, params, batch, rng):
+    grad_fn = jax.value_and_grad(self.task.loss, has_aux=True)
+    accum = self.config.train.grad_accum_steps
+    if accum == 1:
+      return grad_fn(params, batch, rng)
+    # Micro-batch i takes rows i, i+accum, ...: each micro-batch stays spread over all
+    # batch-parallel devices instead of living on 1/accum of them.
+    micro_sharding = NamedSharding(self.mesh, PartitionSpec(None, mesh_lib.BATCH_AXES))
+    micro = jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(
+            x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1),
+            micro_sharding), batch)
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, params, first, rng))
+
+    def body(carry, xs):
+      i, mb = xs
+      out = grad_fn(params, mb, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, carry, out), None
+
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+    return jax.tree.map(lambda x: x / accum, total)
+
+  def _train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
+    cfg = self.config.train
+    rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), state.step)
+    (loss, aux), grads = self._grads(state.params, batch, rng)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if cfg.loss_spike_factor > 0:
+      spike = ((state.step >= cfg.loss_spike_warmup)
+               & (loss > cfg.loss_spike_factor * state.loss_ema))
+      ok &= ~spike
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    def keep_if_bad(new, old):
+      return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    ema_params = state.ema_params
+    if ema_params is not None:
+      # Warm-up so early EMA is not dominated by the random init (as in flaxformer/big_vision).
+      decay = jnp.minimum(cfg.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+      ema_params = keep_if_bad(
+          jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1 - decay),
+                       ema_params, params), ema_params)
+    accepted = state.step - state.skipped
+    loss_ema = jnp.where(ok, jnp.where(accepted == 0, loss, 0.98 * state.loss_ema + 0.02 * loss),
+                         state.loss_ema)
+    bad = (~ok).astype(jnp.int32)
+    new_state = TrainState(
+        step=state.step + 1, params=keep_if_bad(params, state.params),
+        opt_state=keep_if_bad(opt_state, state.opt_state), ema_params=ema_params,
+        loss_ema=loss_ema.astype(jnp.float32), skipped=state.skipped + bad,
+        bad_streak=jnp.where(ok, 0, state.bad_streak + 1))
+    metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
+               "train/lr": self.schedule(state.step), "train/skipped": bad,
+               "train/skipped_total": new_state.skipped, "train/bad_streak": new_state.bad_streak,
+               **{f"train/{k}": v for k, v in aux.items()}}
+    return new_state, metrics
+
+  # -- the loop ---------------------------------------------------------------------------
+
+  def initial_state(self, data_iter) -> TrainState:
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      with self._sharding_context():
+        return self._init(jax.random.key(self.config.seed))
+    logging.info("resuming from %s step %d", self.checkpointer.directory, latest)
+    return self.checkpointer.restore(latest, self.abstract_state, self.state_shardings, data_iter)
+
+  def _save(self, state, data_iter, *, force=False) -> None:
+    self.checkpointer.save(state, data_iter, config_lib.to_json_dict(self.config), force=force)
+
+  def train(self) -> TrainState:
+    cfg = self.config
+    if jax.process_index() == 0:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      (self.workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    loader = self.make_loader(source=self._source)
+    data_iter = iter(loader)
+    first_local = next(data_iter)
+    self.build(_abstract_batch(first_local, cfg.batch_size, self.batch_sharding))
+    # The peeked batch is re-read after (re)positioning the iterator, which keeps the data
+    # order identical whether or not the run resumed.
+    data_iter = iter(loader)
+    state = self.initial_state(data_iter)
+    step = int(partitioning.fetch_replicated(state.step))
+    if step >= cfg.train.num_steps:
+      logging.info("already trained to step %d (num_steps %d)", step, cfg.train.num_steps)
+      return state
+    watcher = _PreemptionWatcher()
+    pending: list[dict[str, jax.Array]] = []
+    previous_metrics = None
+    last_log_time, last_log_step = time.perf_counter(), step
+    profiling = False
+    try:
+      while step < cfg.train.num_steps:
+        if cfg.train.profile_steps and step == cfg.train.profile_steps[0] and not profiling:
+          jax.profiler.start_trace(str(self.workdir / "profile"))
+          profiling = True
+        batch = self.global_batch(next(data_iter))
+        state, metrics = self.train_step(state, batch)
+        step += 1
+        pending.append(metrics)
+        # Check the previous step's streak: reading it does not wait for the step in flight.
+        if previous_metrics is not None:
+          self._check_divergence(previous_metrics)
+        previous_metrics = metrics
+        if profiling and step > cfg.train.profile_steps[1]:
+          jax.profiler.stop_trace()
+          profiling = False
+        if step % cfg.train.log_every == 0 or step == cfg.train.num_steps:
+          now = time.perf_counter()
+          self._log(step, pending, (step - last_log_step) / max(now - last_log_time, 1e-9))
+          pending, last_log_time, last_log_step = [], time.perf_counter(), step
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+          self.evaluate(state, step)
+        if watcher.reached(step):
+          self._save(state, data_iter, force=True)
+          self.checkpointer.wait()
+          logging.warning("preempted: checkpoint for step %d written; exiting", step)
+          return state
+        if self.checkpointer.due(step):
+          self._save(state, data_iter, force=True)
+      self._check_divergence(previous_metrics)
+      if self.checkpointer.latest_step() != step:
+        self._save(state, data_iter, force=True)
+      if not cfg.train.eval_every or step % cfg.train.eval_every:
+        self.evaluate(state, step)
+      return state
+    finally:
+      if profiling:
+        jax.profiler.stop_trace()
+      watcher.close()
+      self.checkpointer.wait()
+      self.writer.flush()
+
+  def _check_divergence(self, metrics: Mapping[str, jax.Array] | None) -> None:
+    if metrics is None:
+      return
+    streak = int(partitioning.fetch_replicated(metrics["train/bad_streak"]))
+    if streak >= self.config.train.max_bad_steps:
+      raise TrainingDivergedError(
+          f"{streak} consecutive steps had a non-finite loss/gradient or a loss spike "
+          f"(train.max_bad_steps={self.config.train.max_bad_steps}); last loss "
+          f"{float(partitioning.fetch_replicated(metrics['train/loss']))}. Lower optim.learning_rate, enable "
+          "optim.grad_clip_norm, or resume from an earlier checkpoint.")
+
+  def _log(self, step: int, pending: list[dict[str, jax.Array]], steps_per_s: float) -> None:
+    fetched = partitioning.fetch_replicated(pending)
+    summary = {}
+    for key in fetched[-1]:
+      values = np.asarray([m[key] for m in fetched], np.float64)
+      if key in ("train/skipped_total", "train/bad_streak", "train/lr"):
+        summary[key] = values[-1]
+      elif key == "train/skipped":
+        summary[key] = values.sum()
+      else:
+        # Skipped (non-finite) steps would poison the mean.
+        finite = values[np.isfinite(values)]
+        summary[key] = finite.mean() if finite.size else float("nan")
+    summary["perf/steps_per_s"] = steps_per_s
+    summary["perf/examples_per_s"] = steps_per_s * self.config.batch_size
+    self.writer.scalars(step, summary)
+    if jax.process_index() == 0:
+      logging.info("%s", metrics_lib.progress_line(step, self.config.train.num_steps, summary,
+                                                   steps_per_s, summary["perf/examples_per_s"]))
+    self.last_metrics = summary
+
+  def _eval_batch(self):
+    if not hasattr(self, "_cached_eval_batch"):
+      source = self._eval_source
+      try:
+        loader = self.make_loader(split="test" if source is None else None, source=source,
+                                  shuffle=False, num_epochs=1)
+        self._cached_eval_batch = self.global_batch(next(iter(loader)))
+      except (ValueError, StopIteration) as e:
+        logging.warning("no eval data (%s); evaluating on a training batch", e)
+        self._cached_eval_batch = self.global_batch(
+            next(iter(self.make_loader(source=self._source, shuffle=False, num_epochs=1))))
+    return self._cached_eval_batch
+
+  def evaluate(self, state: TrainState, step: int) -> dict[str, Any]:
+    params = state.ema_params if state.ema_params is not None else state.params
+    with self._sharding_context():
+      out = partitioning.fetch_replicated(self._eval_step(
+          params, self._eval_batch(), jax.random.key(self.config.seed + 2)))
+    scalars = {f"eval/{k}": v for k, v in out.items() if np.ndim(v) == 0}
+    images = {f"eval/{k}": v for k, v in out.items() if np.ndim(v) == 4}
+    self.writer.scalars(step, scalars)
+    self.writer.images(step, images)
+    if jax.process_index() == 0 and images:
+      from PIL import Image
+      samples = self.workdir / "samples"
+      samples.mkdir(parents=True, exist_ok=True)
+      for key, batch in images.items():
+        grid = metrics_lib.image_grid(np.asarray(batch))
+        Image.fromarray(grid).save(samples / f"{key.split('/')[-1]}_{step:07d}.png")
+    if scalars and jax.process_index() == 0:
+      logging.info("eval step %d: %s", step, ", ".join(f"{k} {float(v):.4g}"
+                                                       for k, v in scalars.items()))
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """The CLI's `train`: start multi-host JAX if needed, then train or resume."""
+  config_lib.validate(config)
+  mesh_lib.initialize_distributed(config.distributed.to_dict())
+  trainer = Trainer(config, workdir)
+  try:
+    return trainer.train()
+  finally:
+    trainer.writer.close()
+    trainer.checkpointer.close()

@@ -1,0 +1,108 @@
+"""Shared pieces for trainer tests: tiny data, tokenizer, config, checkpoint reading."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "train_worker.py"
+
+
+@functools.lru_cache(maxsize=None)
+def records(n: int = 128, size: int = 32, split: str = "train") -> tuple[dict, ...]:
+  from jaxt2i.data import shapes
+  return tuple(shapes.generate(split, n, image_size=size))
+
+
+class SlowSource:
+  """A record list whose reads take `delay` seconds: makes steps slow enough to interrupt."""
+
+  def __init__(self, items, delay: float = 0.0):
+    self.items, self.delay = list(items), delay
+    self.accessed: list[int] = []  # indices read in this process, in order
+
+  def __len__(self):
+    return len(self.items)
+
+  def __getitem__(self, i):
+    if self.delay:
+      time.sleep(self.delay)
+    self.accessed.append(int(i))
+    return self.items[i]
+
+
+def tokenizer_path(directory: Path) -> Path:
+  from jaxt2i.data.tokenizer import train_tokenizer
+  path = Path(directory) / "shapes.model"
+  if not path.exists():
+    train_tokenizer((r["caption"] for r in records()), str(path), vocab_size=64)
+  return path
+
+
+def tiny_config(**overrides):
+  sys.path.insert(0, str(REPO))
+  from configs.baseline_shapes import get_config
+  c = get_config("tiny")
+  c.data.image_size = 32
+  c.data.vocab_size = 64
+  c.data.max_caption_length = 20
+  c.model.width = 16
+  c.model.mlp_dim = 32
+  c.model.channels = 8
+  c.batch_size = 16
+  c.train.num_steps = 4
+  c.train.log_every = 1
+  c.train.ema_decay = 0.99
+  c.optim.warmup_steps = 2
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.async_save = True
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+def read_item(workdir: Path, item: str = "params", step: int | None = None):
+  """A checkpoint item as numpy, independent of any mesh."""
+  import orbax.checkpoint as ocp
+  ckpt = Path(workdir) / "checkpoints"
+  if step is None:
+    step = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+  with ocp.StandardCheckpointer() as checkpointer:
+    return step, checkpointer.restore(ckpt / str(step) / item)
+
+
+def steps_saved(workdir: Path) -> list[int]:
+  ckpt = Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.exists() else []
+
+
+def worker_env(devices: int = 1) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def start_worker(args: list[str], devices: int = 1, log: Path | None = None) -> subprocess.Popen:
+  out = open(log, "w") if log else subprocess.PIPE
+  return subprocess.Popen([sys.executable, str(WORKER), *args], env=worker_env(devices),
+                          stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def flat(tree) -> dict:
+  import jax
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(tree)}

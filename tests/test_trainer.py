@@ -1,0 +1,248 @@
+"""The one trainer on 8 fake CPU devices: strategies agree, resume is exact, bad steps skip."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from helpers import SlowSource, flat, read_item, records, tiny_config, tokenizer_path
+from jaxt2i.data.tokenizer import Tokenizer
+from jaxt2i.tasks.baseline import CaptionRegressionTask
+from jaxt2i.training import config as config_lib
+from jaxt2i.training.trainer import Trainer, TrainingDivergedError
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  return Tokenizer.load(str(tokenizer_path(tmp_path_factory.mktemp("tok"))))
+
+
+def run(config, workdir, tok, devices=None, source=None, task=None):
+  trainer = Trainer(config, workdir, source=source or records(), tokenizer=tok, devices=devices,
+                    task=task)
+  state = trainer.train()
+  return trainer, state
+
+
+def losses(workdir):
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return np.array([l["train/loss"] for l in lines if "train/loss" in l])
+
+
+STRATEGIES = {
+    # name: (mesh data, fsdp, tensor), strategy
+    "dp": ((8, 1, 1), "dp"),
+    "fsdp": ((2, 4, 1), "fsdp"),
+    "tp": ((2, 1, 4), "tp"),
+    "fsdp_tp": ((2, 2, 2), "fsdp_tp"),
+}
+# fc1 kernel is (embed=20*16, mlp=32); token_embed (vocab=64, embed=16); conv kernels
+# (3, 3, in, out) with out=8, except to_rgb (out=3, not divisible: stays replicated).
+EXPECTED_SPECS = {
+    "dp": {"fc1/kernel": P(), "token_embed/embedding": P(), "up_conv_16/kernel": P()},
+    "fsdp": {"fc1/kernel": P("fsdp"), "token_embed/embedding": P(None, "fsdp"),
+             "up_conv_16/kernel": P(None, None, "fsdp"), "to_rgb/kernel": P(None, None, "fsdp"),
+             "fc1/bias": P()},
+    "tp": {"fc1/kernel": P(None, "tensor"), "fc2/kernel": P("tensor"),
+           "token_embed/embedding": P("tensor"), "up_conv_16/kernel": P(None, None, None, "tensor"),
+           "to_rgb/kernel": P(), "fc1/bias": P("tensor")},
+    "fsdp_tp": {"fc1/kernel": P("fsdp", "tensor"), "fc2/kernel": P("tensor", "fsdp"),
+                "token_embed/embedding": P("tensor", "fsdp")},
+}
+
+
+def _spec(state, path):
+  node = state.params
+  for part in path.split("/"):
+    node = node[part]
+  return node.sharding.spec
+
+
+def test_strategies_match_single_device(tmp_path, tok):
+  config = tiny_config(**{"train.num_steps": 3, "mesh.data": 1})
+  _, single = run(config, tmp_path / "single", tok, devices=jax.devices()[:1])
+  reference = losses(tmp_path / "single")
+  single_params = flat(jax.device_get(single.params))
+  assert len(reference) == 3 and np.all(np.isfinite(reference))
+  for name, ((d, f, t), strategy) in STRATEGIES.items():
+    config = tiny_config(**{"train.num_steps": 3, "mesh.data": d, "mesh.fsdp": f,
+                            "mesh.tensor": t, "sharding.strategy": strategy})
+    trainer, state = run(config, tmp_path / name, tok)
+    np.testing.assert_allclose(losses(tmp_path / name), reference, rtol=2e-5, err_msg=name)
+    got = flat(jax.device_get(state.params))
+    for key in single_params:
+      np.testing.assert_allclose(got[key], single_params[key], atol=2e-6, err_msg=f"{name} {key}")
+    for path, spec in EXPECTED_SPECS[name].items():
+      assert _spec(state, path) == spec, (name, path, _spec(state, path))
+    # Optimizer moments and EMA follow the params' shardings.
+    assert state.ema_params["fc1"]["kernel"].sharding.spec == _spec(state, "fc1/kernel")
+    if name == "fsdp":
+      kernel = state.params["fc1"]["kernel"]
+      shard = kernel.addressable_shards[0].data
+      assert shard.size * 4 == kernel.size  # 4-way fsdp: each device holds a quarter
+
+
+def test_resume_is_exact_and_data_order_restored(tmp_path, tok):
+  straight = tiny_config(**{"train.num_steps": 6, "mesh.data": 4})
+  _, full = run(straight, tmp_path / "straight", tok, devices=jax.devices()[:4])
+  half = tiny_config(**{"train.num_steps": 3, "mesh.data": 4})
+  run(half, tmp_path / "resumed", tok, devices=jax.devices()[:4])
+  trainer, resumed = run(straight, tmp_path / "resumed", tok, devices=jax.devices()[:4])
+  assert int(resumed.step) == 6
+  a, b = flat(jax.device_get(full)), flat(jax.device_get(resumed))
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  np.testing.assert_array_equal(losses(tmp_path / "straight"), losses(tmp_path / "resumed"))
+
+
+def test_reshard_on_restore_8_to_2_devices(tmp_path, tok):
+  config = tiny_config(**{"train.num_steps": 2, "mesh.data": 1, "mesh.fsdp": 8,
+                          "sharding.strategy": "fsdp", "batch_size": 16})
+  _, state8 = run(config, tmp_path, tok)
+  saved = flat(jax.device_get(state8))
+  config2 = tiny_config(**{"train.num_steps": 2, "mesh.data": 1, "mesh.fsdp": 2,
+                           "sharding.strategy": "fsdp"})
+  trainer = Trainer(config2, tmp_path, source=records(), tokenizer=tok,
+                    devices=jax.devices()[:2])
+  it = iter(trainer.make_loader(source=records()))
+  trainer.build({k: jax.ShapeDtypeStruct((16,) + v.shape[1:], v.dtype,
+                                         sharding=trainer.batch_sharding)
+                 for k, v in next(it).items()})
+  state2 = trainer.initial_state(iter(trainer.make_loader(source=records())))
+  kernel = state2.params["fc1"]["kernel"]
+  assert kernel.sharding.spec == P("fsdp") and len(kernel.sharding.device_set) == 2
+  restored = flat(jax.device_get(state2))
+  for key in saved:
+    np.testing.assert_array_equal(saved[key], restored[key], err_msg=key)
+
+
+class PoisonTask(CaptionRegressionTask):
+  """The baseline whose loss is NaN for batches containing the token `poison`."""
+  poison = -1
+
+  def loss(self, params, batch, rng):
+    loss, aux = super().loss(params, batch, rng)
+    bad = jnp.any(batch["tokens"] == self.poison)
+    return jnp.where(bad, jnp.nan, loss), aux
+
+
+def _poisoned_source(poison_batches, batch=16):
+  items = []
+  for i, r in enumerate(records()[:64]):
+    r = dict(r)
+    if i // batch in poison_batches:
+      r["caption"] = "zz " + r["caption"]
+    items.append(r)
+  return items
+
+
+def test_nan_step_is_skipped_and_counted(tmp_path, tok):
+  config = tiny_config(**{"train.num_steps": 1, "data.shuffle": False, "mesh.data": 2})
+  devices = jax.devices()[:2]
+  task = PoisonTask(config)
+  task.poison = int(tok.encode(["zz"], 4)[0][0, 0])
+  assert task.poison not in (tok.pad_id, tok.eos_id)
+  _, one = run(config, tmp_path / "one", tok, devices, _poisoned_source({1}), task)
+  config2 = tiny_config(**{"train.num_steps": 2, "data.shuffle": False, "mesh.data": 2})
+  trainer, two = run(config2, tmp_path / "two", tok, devices, _poisoned_source({1}), task)
+  assert int(two.skipped) == 1 and int(two.bad_streak) == 1 and int(two.step) == 2
+  a, b = flat(jax.device_get(one.params)), flat(jax.device_get(two.params))
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)  # params unchanged by step 2
+  a, b = flat(jax.device_get(one.opt_state)), flat(jax.device_get(two.opt_state))
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  assert trainer.last_metrics["train/skipped_total"] == 1
+
+
+def test_consecutive_bad_steps_stop_with_clear_error(tmp_path, tok):
+  config = tiny_config(**{"train.num_steps": 8, "data.shuffle": False, "mesh.data": 1,
+                          "train.max_bad_steps": 3})
+  task = PoisonTask(config)
+  task.poison = int(tok.encode(["zz"], 4)[0][0, 0])
+  with pytest.raises(TrainingDivergedError, match="3 consecutive steps"):
+    run(config, tmp_path, tok, jax.devices()[:1], _poisoned_source({1, 2, 3}), task)
+
+
+def test_loss_spike_is_skipped(tmp_path, tok):
+  config = tiny_config(**{"train.num_steps": 4, "data.shuffle": False, "mesh.data": 1,
+                          "train.loss_spike_factor": 1.5, "train.loss_spike_warmup": 1})
+
+  class SpikeTask(PoisonTask):
+    def loss(self, params, batch, rng):
+      loss, aux = CaptionRegressionTask.loss(self, params, batch, rng)
+      return jnp.where(jnp.any(batch["tokens"] == self.poison), loss * 100, loss), aux
+
+  task = SpikeTask(config)
+  task.poison = int(tok.encode(["zz"], 4)[0][0, 0])
+  _, state = run(config, tmp_path, tok, jax.devices()[:1], _poisoned_source({2}), task)
+  assert int(state.skipped) == 1 and int(state.step) == 4
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path, tok):
+  base = {"train.num_steps": 2, "mesh.data": 2, "optim.name": "sgd", "optim.b1": 0.0,
+          "optim.grad_clip_norm": 0.0}
+  _, full = run(tiny_config(**base), tmp_path / "full", tok, jax.devices()[:2])
+  _, accum = run(tiny_config(**base, **{"train.grad_accum_steps": 4}), tmp_path / "accum", tok,
+                 jax.devices()[:2])
+  a, b = flat(jax.device_get(full.params)), flat(jax.device_get(accum.params))
+  for key in a:
+    np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)
+
+
+def test_checkpoint_items_and_workdir_layout(tmp_path, tok):
+  config = tiny_config(**{"train.num_steps": 4, "checkpoint.every_steps": 2,
+                          "checkpoint.keep": 1, "mesh.data": 1})
+  run(config, tmp_path, tok, jax.devices()[:1])
+  ckpt = tmp_path / "checkpoints"
+  assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["4"]
+  items = {p.name for p in (ckpt / "4").iterdir()}
+  assert {"params", "opt_state", "ema_params", "counters", "data", "config"} <= items
+  step, counters = read_item(tmp_path, "counters")
+  assert int(counters["step"]) == 4
+  assert json.loads((tmp_path / "config.json").read_text())["task"] == "caption_regression"
+  assert list((tmp_path / "tensorboard").iterdir())
+  assert list((tmp_path / "samples").glob("samples_*.png"))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("batch_size", -4, "config.batch_size=-4"),
+    ("task", "nope", "config.task='nope' is unknown"),
+    ("sharding.strategy", "zero", "config.sharding.strategy='zero'"),
+    ("train.compute_dtype", "float16", "config.train.compute_dtype"),
+    ("optim.learning_rate", -1.0, "config.optim.learning_rate"),
+    ("model.channels", 0, "config.model.channels=0"),
+    ("data.image_size", 48, "config.data.image_size=48"),
+])
+def test_bad_config_values_name_the_field(field, value, message, tok):
+  config = tiny_config(**{field: value})
+  with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(")):
+    Trainer(config, "/nonexistent/never-written", tokenizer=tok, source=records())
+
+
+def test_batch_not_divisible_by_mesh_names_the_field(tok):
+  config = tiny_config(**{"batch_size": 12, "mesh.data": 8})
+  with pytest.raises(config_lib.ConfigError, match=r"config.batch_size=12 .*data\*fsdp = 8"):
+    Trainer(config, "/nonexistent/never-written", tokenizer=tok, source=records())
+
+
+def test_unknown_config_key_is_rejected(tok):
+  config = tiny_config()
+  config.unlock()
+  config.train.nmu_steps = 3
+  with pytest.raises(config_lib.ConfigError, match=r"train.nmu_steps"):
+    config_lib.validate(config)
+  config = tiny_config()
+  config.unlock()
+  config.model.widht = 3
+  with pytest.raises(config_lib.ConfigError, match=r"model.widht"):
+    Trainer(config, "/nonexistent/never-written", tokenizer=tok, source=records())
+
+
+def test_bad_mesh_is_a_clear_error(tok):
+  config = tiny_config(**{"mesh.data": 3})
+  with pytest.raises(ValueError, match=r"config.mesh .* uses 3 devices but 8"):
+    Trainer(config, "/nonexistent/never-written", tokenizer=tok, source=records())
