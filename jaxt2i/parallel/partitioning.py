@@ -73,7 +73,8 @@ def _is_box(x: Any) -> bool:
   return isinstance(x, meta.AxisMetadata)
 
 
-def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, where: str) -> PartitionSpec:
+def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
+              dropped: list[str]) -> PartitionSpec:
   """Drops mesh axes that do not divide a dimension (small models on large meshes)."""
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -88,8 +89,7 @@ def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, where: str)
         kept.append(name)
         size *= mesh.shape[name]
     if len(kept) != len(names):
-      logging.warning("%s: dimension %d not divisible by mesh axes %s; sharding over %s only",
-                      where, dim, names, kept or "none")
+      dropped.append(f"{dim} over {names}")
     fitted.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
   while fitted and fitted[-1] is None:
     fitted.pop()
@@ -102,16 +102,26 @@ def logical_to_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   `tree` is typically `jax.eval_shape(init)` (boxes holding ShapeDtypeStructs). Unboxed
   leaves are replicated. The result has the structure of the *unboxed* tree.
   """
+  replicated_dims: dict[str, list[str]] = {}
+
   def one(path, leaf):
     if _is_box(leaf):
       names = leaf.names if isinstance(leaf, nn.Partitioned) else ()
       value = leaf.unbox()
-      spec = nn.logical_to_mesh_axes(names, rules)
-      spec = _fit_spec(spec, value.shape, mesh, jax.tree_util.keystr(path))
+      dropped: list[str] = []
+      spec = _fit_spec(nn.logical_to_mesh_axes(names, rules), value.shape, mesh, dropped)
+      if dropped:
+        replicated_dims[jax.tree_util.keystr(path)] = dropped
     else:
       spec = PartitionSpec()
     return NamedSharding(mesh, spec)
-  return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_box)
+  shardings = jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_box)
+  if replicated_dims:
+    shown = list(replicated_dims.items())[:4]
+    logging.warning(
+        "%d arrays keep a dimension unsharded because the mesh axis does not divide it, "
+        "e.g. %s", len(replicated_dims), "; ".join(f"{k}: dim {', '.join(v)}" for k, v in shown))
+  return shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

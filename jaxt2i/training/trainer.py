@@ -13,11 +13,12 @@ and EMA untouched but still advance the step and consume their batch.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -269,19 +270,29 @@ class Trainer:
   def _save(self, state, data_iter, *, force=False) -> None:
     self.checkpointer.save(state, data_iter, config_lib.to_json_dict(self.config), force=force)
 
-  def train(self) -> TrainState:
+  def train(self, batches: Iterator[Mapping[str, np.ndarray]] | None = None) -> TrainState:
+    """Trains to config.train.num_steps, resuming from the workdir's latest checkpoint.
+
+    `batches` (per-host numpy batches) replaces the grain loader, e.g. for benchmarks; its
+    position is then not checkpointed.
+    """
     cfg = self.config
     if jax.process_index() == 0:
       self.workdir.mkdir(parents=True, exist_ok=True)
       (self.workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
-    loader = self.make_loader(source=self._source)
-    data_iter = iter(loader)
-    first_local = next(data_iter)
+    if batches is None:
+      loader = self.make_loader(source=self._source)
+      first_local = next(iter(loader))
+      # The peeked batch is re-read after (re)positioning the iterator, which keeps the
+      # data order identical whether or not the run resumed.
+      data_iter = iter(loader)
+    else:
+      data_iter = iter(batches)
+      first_local = next(data_iter)
+      data_iter = itertools.chain([first_local], data_iter)
     self.build(_abstract_batch(first_local, cfg.batch_size, self.batch_sharding))
-    # The peeked batch is re-read after (re)positioning the iterator, which keeps the data
-    # order identical whether or not the run resumed.
-    data_iter = iter(loader)
-    state = self.initial_state(data_iter)
+    checkpointed_iter = data_iter if batches is None else None
+    state = self.initial_state(checkpointed_iter)
     step = int(partitioning.fetch_replicated(state.step))
     if step >= cfg.train.num_steps:
       logging.info("already trained to step %d (num_steps %d)", step, cfg.train.num_steps)
@@ -291,6 +302,7 @@ class Trainer:
     previous_metrics = None
     last_log_time, last_log_step = time.perf_counter(), step
     profiling = False
+    loop_start, first_step = time.perf_counter(), step
     try:
       while step < cfg.train.num_steps:
         if cfg.train.profile_steps and step == cfg.train.profile_steps[0] and not profiling:
@@ -314,15 +326,18 @@ class Trainer:
         if cfg.train.eval_every and step % cfg.train.eval_every == 0:
           self.evaluate(state, step)
         if watcher.reached(step):
-          self._save(state, data_iter, force=True)
+          self._save(state, checkpointed_iter, force=True)
           self.checkpointer.wait()
           logging.warning("preempted: checkpoint for step %d written; exiting", step)
           return state
         if self.checkpointer.due(step):
-          self._save(state, data_iter, force=True)
+          self._save(state, checkpointed_iter, force=True)
       self._check_divergence(previous_metrics)
+      jax.block_until_ready(state)
+      self.loop_timing = {"steps": step - first_step,
+                          "seconds": time.perf_counter() - loop_start}
       if self.checkpointer.latest_step() != step:
-        self._save(state, data_iter, force=True)
+        self._save(state, checkpointed_iter, force=True)
       if not cfg.train.eval_every or step % cfg.train.eval_every:
         self.evaluate(state, step)
       return state

@@ -1,0 +1,93 @@
+"""Timing harness: warm-up, block_until_ready, median of repeats, compile time apart, and
+results recorded with the machine and library versions."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jax
+
+HERE = Path(__file__).resolve().parent
+RESULTS_MD = HERE / "RESULTS.md"
+RESULTS_DIR = HERE / "results"
+
+
+@dataclasses.dataclass
+class Timing:
+  median_s: float
+  min_s: float
+  max_s: float
+  repeats: int
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def time_fn(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5) -> Timing:
+  """Times `fn()` (which must block on its own result, e.g. via jax.block_until_ready)."""
+  for _ in range(warmup):
+    fn()
+  samples = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    samples.append(time.perf_counter() - start)
+  return Timing(statistics.median(samples), min(samples), max(samples), repeats)
+
+
+def compile_seconds(jitted, *args) -> tuple[Any, float]:
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def environment() -> dict:
+  cpu = platform.processor()
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  versions = {}
+  for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
+                  "tensorflow-datasets", "numpy"):
+    try:
+      versions[package] = metadata.version(package)
+    except metadata.PackageNotFoundError:
+      pass
+  return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(),
+          "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+          "python": platform.python_version(), "versions": versions}
+
+
+def record(name: str, command: str, markdown: str, data: dict) -> None:
+  """Writes results/NAME.json and replaces NAME's section of RESULTS.md."""
+  env = environment()
+  RESULTS_DIR.mkdir(exist_ok=True)
+  (RESULTS_DIR / f"{name}.json").write_text(
+      json.dumps({"name": name, "command": command, "environment": env, **data}, indent=2))
+  versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+  section = (f"<!-- bench:{name} -->\n## {name}\n\n"
+             f"- machine: {env['cpu']}, {env['cores']} cores, {env['devices']}; "
+             f"Python {env['python']}; {env['date']}\n- versions: {versions}\n"
+             f"- command: `{command}`\n\n{markdown.strip()}\n<!-- /bench:{name} -->")
+  text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
+  pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->",
+                       re.S)
+  text = pattern.sub(lambda _: section, text) if pattern.search(text) else (
+      text.rstrip() + "\n\n" + section + "\n")
+  RESULTS_MD.write_text(text)
+  print(section)

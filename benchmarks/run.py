@@ -1,0 +1,151 @@
+"""Foundation benchmarks, each compared with a baseline measured in the same run.
+
+  python benchmarks/run.py [trainer_overhead] [input_pipeline] [--steps N] [--data_dir DIR]
+
+trainer_overhead: steps/s of `Trainer.train` (host loop: batch assembly, metrics, divergence
+  and checkpoint checks) against a bare loop of the same compiled step fed the same numpy
+  batches with `jax.device_put`. Data loading is excluded from both (see input_pipeline).
+input_pipeline: examples/s of the grain loader on shapes_v1/64 (decode, scale, tokenize,
+  batch) against the examples/s one training step of the default recipe consumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import harness  # noqa: E402
+from configs.baseline_shapes import get_config  # noqa: E402
+from jaxt2i.data import builders, pipeline  # noqa: E402
+from jaxt2i.training.trainer import Trainer  # noqa: E402
+
+
+def default_config(data_dir: str):
+  config = get_config()
+  config.data.data_dir = data_dir
+  config.train.log_every = 10**9
+  config.train.eval_every = 0
+  config.checkpoint.every_steps = 10**9
+  config.mesh.data = 1
+  return config
+
+
+def make_batches(config, n: int = 8):
+  loader = pipeline.make_loader(config.data, global_batch_size=config.batch_size,
+                                seed=0, num_epochs=None)
+  it = iter(loader)
+  return [next(it) for _ in range(n)]
+
+
+def trainer_overhead(args) -> dict:
+  config = default_config(args.data_dir)
+  config.train.num_steps = args.steps
+  batches = make_batches(config)
+  devices = jax.devices()[:1]
+  per_step = []
+  trainer = None
+  for _ in range(args.repeats):
+    with tempfile.TemporaryDirectory() as workdir:
+      trainer = Trainer(config, workdir, devices=devices)
+      trainer.train(batches=itertools.cycle(batches))
+      per_step.append(trainer.loop_timing["seconds"] / trainer.loop_timing["steps"])
+      trainer.writer.close()
+      trainer.checkpointer.close()
+
+  step_fn = trainer.train_step
+  sharding = trainer.batch_sharding
+
+  def bare_loop():
+    state = trainer._init(jax.random.key(0))
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for i in range(args.steps):
+      batch = {k: jax.device_put(v, sharding) for k, v in batches[i % len(batches)].items()
+               if k in pipeline.BATCH_KEYS}
+      state, _ = step_fn(state, batch)
+    jax.block_until_ready(state)
+    return (time.perf_counter() - start) / args.steps
+
+  with jax.set_mesh(trainer.mesh):
+    bare = sorted(bare_loop() for _ in range(args.repeats))
+  trainer_s, bare_s = float(np.median(per_step)), float(np.median(bare))
+  overhead = trainer_s / bare_s - 1.0
+  md = (f"Default baseline recipe (64x64, batch {config.batch_size}), 1 CPU device, "
+        f"{args.steps} steps x {args.repeats} repeats, medians; compile "
+        f"{trainer.compile_seconds:.1f} s (not in the step times).\n\n"
+        "| loop | s/step | steps/s |\n|---|---|---|\n"
+        f"| bare jitted step + device_put | {bare_s:.4f} | {1 / bare_s:.2f} |\n"
+        f"| Trainer.train | {trainer_s:.4f} | {1 / trainer_s:.2f} |\n\n"
+        f"**Trainer overhead: {overhead * 100:+.1f}%** (goal: under 5%).")
+  data = {"trainer_s_per_step": trainer_s, "bare_s_per_step": bare_s, "overhead": overhead,
+          "compile_s": trainer.compile_seconds, "all_trainer": per_step, "all_bare": bare}
+  harness.record("trainer_overhead", "python benchmarks/run.py trainer_overhead", md, data)
+  return data
+
+
+def input_pipeline(args, step_examples_per_s: float | None) -> dict:
+  config = default_config(args.data_dir)
+  results = {}
+  for workers in (0, 1, 2):
+    config.data.worker_count = workers
+    loader = pipeline.make_loader(config.data, global_batch_size=config.batch_size, seed=0)
+    it = iter(loader)
+    for _ in range(3):  # warm-up (starts workers, fills buffers)
+      next(it)
+    n = args.pipeline_batches
+    start = time.perf_counter()
+    for _ in range(n):
+      next(it)
+    results[workers] = n * config.batch_size / (time.perf_counter() - start)
+    del it, loader
+  best = max(results.values())
+  rows = "\n".join(f"| {w} | {v:.0f} |" for w, v in results.items())
+  md = (f"grain loader on shapes_v1/64 train (decode, scale to [-1, 1], sentencepiece "
+        f"tokenize, batch {config.batch_size}); {args.pipeline_batches} batches after warm-up."
+        f"\n\n| grain worker processes | examples/s |\n|---|---|\n{rows}\n")
+  if step_examples_per_s:
+    md += (f"\nOne training step of the default recipe (`configs/baseline_shapes.py`, the "
+           f"current default model) consumes {step_examples_per_s:.0f} examples/s on this "
+           f"machine: the pipeline delivers **{best / step_examples_per_s:.1f}x** that "
+           "(goal: at least 5x).")
+  data = {"examples_per_s_by_workers": results, "step_examples_per_s": step_examples_per_s}
+  harness.record("input_pipeline", "python benchmarks/run.py input_pipeline", md, data)
+  return data
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("which", nargs="*", default=["trainer_overhead", "input_pipeline"])
+  parser.add_argument("--steps", type=int, default=40)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--pipeline_batches", type=int, default=40)
+  parser.add_argument("--data_dir", default=os.environ.get("JAXT2I_DATA_DIR",
+                                                           str(REPO / ".cache" / "data")))
+  args = parser.parse_args()
+  logging.basicConfig(level=logging.WARNING)
+  os.environ["JAXT2I_DATA_DIR"] = args.data_dir
+  builders.build("shapes", data_dir=args.data_dir, variant="64")
+  step_rate = None
+  if "trainer_overhead" in args.which:
+    out = trainer_overhead(args)
+    step_rate = get_config().batch_size / out["bare_s_per_step"]
+  if "input_pipeline" in args.which:
+    input_pipeline(args, step_rate)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,76 @@
+"""The `jaxt2i` command end to end: build data, train, resume; help and errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, worker_env
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def jaxt2i(*args, data_dir=None, devices=1):
+  env = worker_env(devices)
+  if data_dir:
+    env["JAXT2I_DATA_DIR"] = str(data_dir)
+  return subprocess.run([sys.executable, "-m", "jaxt2i", *map(str, args)], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=280)
+
+
+def test_help_explains_commands():
+  out = jaxt2i("--help")
+  assert out.returncode == 0
+  for word in ("train", "data build shapes", "data build folder", "tokenizer"):
+    assert word in out.stdout
+  train_help = jaxt2i("train", "--help")
+  assert "--workdir" in train_help.stdout + train_help.stderr
+  assert "--config" in train_help.stdout + train_help.stderr
+
+
+def test_unknown_command_and_bad_overrides_are_clear(tmp_path):
+  out = jaxt2i("trian")
+  assert out.returncode != 0 and "unknown command 'trian'" in out.stderr
+  out = jaxt2i("train", "--config", "configs/baseline_shapes.py:tiny", "--workdir", tmp_path,
+               "--config.train.nmu_steps=3")
+  assert out.returncode != 0 and "unknown config field 'nmu_steps'" in out.stderr
+  assert "Traceback" not in out.stderr
+  out = jaxt2i("train", "--config", "configs/baseline_shapes.py:tiny", "--workdir", tmp_path,
+               "--config.batch_size=-8")
+  assert out.returncode != 0 and "config.batch_size=-8" in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def test_build_train_resume(tmp_path):
+  data_dir = tmp_path / "data"
+  out = jaxt2i("data", "build", "shapes", "--variant", "tiny", data_dir=data_dir)
+  assert out.returncode == 0, out.stderr[-3000:]
+  workdir = tmp_path / "run"
+  args = ("train", "--config", "configs/baseline_shapes.py:tiny", "--workdir", workdir,
+          "--config.train.num_steps=6", "--config.checkpoint.every_steps=3",
+          "--config.train.log_every=3")
+  out = jaxt2i(*args, data_dir=data_dir, devices=2)
+  assert out.returncode == 0, out.stderr[-3000:]
+  log = out.stderr + out.stdout
+  assert "step 6/6" in log and "steps/s" in log and "train step compiled" in log
+  metrics = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [m["step"] for m in metrics if "train/loss" in m] == [3, 6]
+  assert list((workdir / "samples").glob("*.png"))
+  out = jaxt2i(*args[:-3], "--config.train.num_steps=8", data_dir=data_dir, devices=2)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resuming from" in out.stderr + out.stdout and "step 8/8" in out.stderr + out.stdout
+
+
+def test_launch_local_dry_run():
+  out = subprocess.run(
+      ["bash", "launch/local_multiprocess.sh", "-n", "3", "-d", "2", "-p", "4321", "--dry-run",
+       "--", "--config", "configs/baseline_shapes.py:tiny", "--workdir", "/tmp/w"],
+      cwd=REPO, capture_output=True, text=True, check=True)
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 3
+  for i, line in enumerate(lines):
+    assert "--xla_force_host_platform_device_count=2" in line
+    assert "coordinator_address=localhost:4321" in line
+    assert f"--config.distributed.process_id={i}" in line
+    assert "--config.distributed.num_processes=3" in line
