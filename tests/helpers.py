@@ -31,6 +31,9 @@ class SlowSource:
   def __len__(self):
     return len(self.items)
 
+  def __repr__(self):  # grain checks that a restored run reads the same source
+    return f"SlowSource({len(self.items)} records)"
+
   def __getitem__(self, i):
     if self.delay:
       time.sleep(self.delay)
@@ -61,6 +64,7 @@ def tiny_config(**overrides):
   c.train.log_every = 1
   c.train.ema_decay = 0.99
   c.optim.warmup_steps = 2
+  c.optim.decay_steps = 20  # fixed, so runs extended to more steps keep the same lr
   c.checkpoint.every_steps = 1000
   c.checkpoint.async_save = True
   for key, value in overrides.items():
@@ -78,8 +82,13 @@ def read_item(workdir: Path, item: str = "params", step: int | None = None):
   ckpt = Path(workdir) / "checkpoints"
   if step is None:
     step = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+  import jax
+  path = ckpt / str(step) / item
   with ocp.StandardCheckpointer() as checkpointer:
-    return step, checkpointer.restore(ckpt / str(step) / item)
+    # A numpy target: the checkpoint may come from another topology (e.g. two processes).
+    meta = checkpointer.metadata(path).item_metadata.tree
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta)
+    return step, checkpointer.restore(path, target)
 
 
 def steps_saved(workdir: Path) -> list[int]:

@@ -119,14 +119,17 @@ def test_reshard_on_restore_8_to_2_devices(tmp_path, tok):
     np.testing.assert_array_equal(saved[key], restored[key], err_msg=key)
 
 
+def _poisoned(batch):
+  """Batches holding an all-white image (never drawn by shapes-v1) are the poisoned ones."""
+  return jnp.any(jnp.all(batch["image"] > 0.999, axis=(1, 2, 3)))
+
+
 class PoisonTask(CaptionRegressionTask):
-  """The baseline whose loss is NaN for batches containing the token `poison`."""
-  poison = -1
+  """The baseline whose loss is NaN on poisoned batches."""
 
   def loss(self, params, batch, rng):
     loss, aux = super().loss(params, batch, rng)
-    bad = jnp.any(batch["tokens"] == self.poison)
-    return jnp.where(bad, jnp.nan, loss), aux
+    return jnp.where(_poisoned(batch), jnp.nan, loss), aux
 
 
 def _poisoned_source(poison_batches, batch=16):
@@ -134,7 +137,7 @@ def _poisoned_source(poison_batches, batch=16):
   for i, r in enumerate(records()[:64]):
     r = dict(r)
     if i // batch in poison_batches:
-      r["caption"] = "zz " + r["caption"]
+      r["image"] = np.full_like(r["image"], 255)
     items.append(r)
   return items
 
@@ -143,8 +146,6 @@ def test_nan_step_is_skipped_and_counted(tmp_path, tok):
   config = tiny_config(**{"train.num_steps": 1, "data.shuffle": False, "mesh.data": 2})
   devices = jax.devices()[:2]
   task = PoisonTask(config)
-  task.poison = int(tok.encode(["zz"], 4)[0][0, 0])
-  assert task.poison not in (tok.pad_id, tok.eos_id)
   _, one = run(config, tmp_path / "one", tok, devices, _poisoned_source({1}), task)
   config2 = tiny_config(**{"train.num_steps": 2, "data.shuffle": False, "mesh.data": 2})
   trainer, two = run(config2, tmp_path / "two", tok, devices, _poisoned_source({1}), task)
@@ -162,7 +163,6 @@ def test_consecutive_bad_steps_stop_with_clear_error(tmp_path, tok):
   config = tiny_config(**{"train.num_steps": 8, "data.shuffle": False, "mesh.data": 1,
                           "train.max_bad_steps": 3})
   task = PoisonTask(config)
-  task.poison = int(tok.encode(["zz"], 4)[0][0, 0])
   with pytest.raises(TrainingDivergedError, match="3 consecutive steps"):
     run(config, tmp_path, tok, jax.devices()[:1], _poisoned_source({1, 2, 3}), task)
 
@@ -171,13 +171,12 @@ def test_loss_spike_is_skipped(tmp_path, tok):
   config = tiny_config(**{"train.num_steps": 4, "data.shuffle": False, "mesh.data": 1,
                           "train.loss_spike_factor": 1.5, "train.loss_spike_warmup": 1})
 
-  class SpikeTask(PoisonTask):
+  class SpikeTask(CaptionRegressionTask):
     def loss(self, params, batch, rng):
-      loss, aux = CaptionRegressionTask.loss(self, params, batch, rng)
-      return jnp.where(jnp.any(batch["tokens"] == self.poison), loss * 100, loss), aux
+      loss, aux = super().loss(params, batch, rng)
+      return jnp.where(_poisoned(batch), loss * 100, loss), aux
 
   task = SpikeTask(config)
-  task.poison = int(tok.encode(["zz"], 4)[0][0, 0])
   _, state = run(config, tmp_path, tok, jax.devices()[:1], _poisoned_source({2}), task)
   assert int(state.skipped) == 1 and int(state.step) == 4
 
@@ -246,3 +245,15 @@ def test_bad_mesh_is_a_clear_error(tok):
   config = tiny_config(**{"mesh.data": 3})
   with pytest.raises(ValueError, match=r"config.mesh .* uses 3 devices but 8"):
     Trainer(config, "/nonexistent/never-written", tokenizer=tok, source=records())
+
+
+def test_bfloat16_compute_keeps_float32_params(tmp_path, tok):
+  config = tiny_config(**{"train.num_steps": 2, "mesh.data": 2,
+                          "train.compute_dtype": "bfloat16"})
+  trainer, state = run(config, tmp_path, tok, jax.devices()[:2])
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+  assert np.isfinite(trainer.last_metrics["train/loss"])
+  # The activations really are bfloat16: the jaxpr of the loss contains bf16 convolutions.
+  batch = {k: jnp.zeros((2,) + s.shape[1:], s.dtype) for k, s in trainer.abstract_batch.items()}
+  jaxpr = str(jax.make_jaxpr(trainer.task.loss)(state.params, batch, jax.random.key(0)))
+  assert "bf16" in jaxpr

@@ -64,6 +64,23 @@ class Preprocess(grain.transforms.Map):
     return out
 
 
+class InMemorySource:
+  """A list of records as a grain source. grain stores `repr(source)` in the checkpoint and
+  compares it on restore, so the repr is short and stable rather than the records' text."""
+
+  def __init__(self, records: Sequence[Mapping[str, Any]], name: str = "in-memory"):
+    self.records, self.name = records, name
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int) -> Mapping[str, Any]:
+    return self.records[index]
+
+  def __repr__(self) -> str:
+    return f"InMemorySource({self.name!r}, {len(self.records)} records)"
+
+
 def load_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
   if data_cfg.tokenizer:
     return Tokenizer.load(data_cfg.tokenizer)
@@ -97,6 +114,8 @@ def make_loader(
   if source is None:
     source = builders.data_source(data_cfg.name, split or data_cfg.split,
                                   data_dir=data_cfg.data_dir or None)
+  elif isinstance(source, (list, tuple)):
+    source = InMemorySource(source)
   tokenizer = tokenizer or load_tokenizer(data_cfg)
   if tokenizer.vocab_size > data_cfg.vocab_size:
     raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but config.data.vocab_size="

@@ -101,8 +101,8 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError) as e:
       raise CheckpointError(
-          f"checkpoint {self.directory}/{step} does not match this run's model/optimizer "
-          f"(changed config?): {e}") from e
+          f"checkpoint {self.directory}/{step} cannot be restored into this run (changed "
+          f"model, optimizer or data config?): {e}") from e
     counters = restored["counters"]
     return TrainState(
         step=counters["step"], params=restored["params"], opt_state=restored["opt_state"],

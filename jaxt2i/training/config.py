@@ -73,6 +73,8 @@ def trainer_defaults() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 100       # linear warm-up from 0
   c.optim.schedule = "cosine"      # cosine | constant | linear (decay after warm-up)
   c.optim.end_lr_factor = 0.1      # final lr = factor * peak (cosine, linear)
+  c.optim.decay_steps = 0          # schedule length incl. warm-up; 0 = train.num_steps (set it
+                                   # when a run may later be extended, so the lr stays the same)
   c.optim.b1 = 0.9                 # Adam beta1 / SGD momentum
   c.optim.b2 = 0.999               # Adam beta2
   c.optim.eps = 1e-8               # Adam epsilon
@@ -99,8 +101,8 @@ _POSITIVE = ("batch_size", "data.image_size", "data.max_caption_length", "data.v
              "train.max_bad_steps", "checkpoint.every_steps", "checkpoint.keep")
 _NON_NEGATIVE = ("seed", "data.worker_count", "data.worker_buffer_size", "train.eval_every",
                  "train.loss_spike_factor", "train.loss_spike_warmup", "optim.learning_rate",
-                 "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip_norm",
-                 "optim.end_lr_factor", "optim.eps")
+                 "optim.warmup_steps", "optim.decay_steps", "optim.weight_decay",
+                 "optim.grad_clip_norm", "optim.end_lr_factor", "optim.eps")
 
 
 def get(config: Any, dotted: str) -> Any:

@@ -29,6 +29,7 @@ class TrainState:
 
 
 def lr_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  num_steps = optim.decay_steps or num_steps
   peak, warmup = optim.learning_rate, optim.warmup_steps
   decay_steps = max(num_steps - warmup, 1)
   end = peak * optim.end_lr_factor
