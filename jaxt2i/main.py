@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 USAGE = """usage: jaxt2i COMMAND [options]
@@ -28,7 +29,27 @@ commands:
 """
 
 
+TRAIN_HELP = """usage: jaxt2i train --config configs/NAME.py[:VARIANT] --workdir DIR [--config.FIELD=VALUE ...]
+
+Trains a recipe, or resumes the run already in DIR.
+
+  --config FILE[:VARIANT]   recipe (Python file with get_config(variant)); e.g.
+                            configs/baseline_shapes.py:tiny
+  --config.FIELD=VALUE      override any field of the recipe, e.g. --config.batch_size=128
+                            --config.mesh.fsdp=4 --config.sharding.strategy=fsdp
+                            --config.train.num_steps=10000; unknown fields are rejected
+  --workdir DIR             run directory (local path or gs://...): checkpoints/, config.json,
+                            metrics.jsonl, tensorboard/, samples/
+
+Several processes (TPU pod, GPU cluster): run the same command on every host; see
+config.distributed (auto-detects Cloud TPU VMs and SLURM) and launch/.
+"""
+
+
 def _train(argv: list[str]) -> None:
+  if not argv or any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):
+    print(TRAIN_HELP)
+    return
   from absl import app, flags
   from ml_collections import config_flags
 
@@ -55,11 +76,14 @@ def _train(argv: list[str]) -> None:
     app.run(main, argv=["jaxt2i train"] + argv)
   except (AttributeError, KeyError) as e:
     # ml_collections rejects --config.FIELD overrides of fields the recipe does not have.
+    text = str(e.args[0] if e.args else e).replace("\\n", "\n")
+    names = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)
+    field = names[0] if names else text
+    hint = re.search(r"Did you mean \S+", text)
     overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-    field = str(e).strip("\"'")
     bad = [o for o in overrides if o.split(".")[-1] == field] or overrides
-    sys.exit(f"jaxt2i train: unknown config field {field!r} (from {', '.join(bad)}); "
-             "see the recipe file for the fields it has")
+    sys.exit(f"jaxt2i train: unknown config field {field!r} (from {', '.join(bad)})"
+             f"{'; ' + hint.group(0).replace(chr(34), '') + '?' if hint else ''}")
 
 
 def _data(argv: list[str]) -> None:
