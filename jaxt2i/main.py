@@ -119,15 +119,18 @@ def _data(argv: list[str]) -> None:
       sys.exit(f"jaxt2i data build: {e}")
     print(json.dumps(summary, indent=2, default=str))
   else:
-    if args.out:
-      source = builders.data_source(args.dataset, "train", data_dir=args.data_dir)
-      captions = (_caption(source[i]) for i in range(len(source)))
-      tokenizer.train_tokenizer(captions, args.out, vocab_size=args.vocab_size)
-      print(args.out)
-    else:
-      tok_obj = tokenizer.tokenizer_for_dataset(args.dataset, data_dir=args.data_dir,
-                                                vocab_size=args.vocab_size)
-      print(getattr(tok_obj, "path", tok_obj))
+    try:
+      if args.out:
+        source = builders.data_source(args.dataset, "train", data_dir=args.data_dir)
+        captions = (_caption(source[i]) for i in range(len(source)))
+        tokenizer.train_tokenizer(captions, args.out, vocab_size=args.vocab_size)
+        print(args.out)
+      else:
+        tok_obj = tokenizer.tokenizer_for_dataset(args.dataset, data_dir=args.data_dir,
+                                                  vocab_size=args.vocab_size)
+        print(tok_obj.path)
+    except ValueError as e:
+      sys.exit(f"jaxt2i data tokenizer: {e}")
 
 
 def _caption(record) -> str:

@@ -77,7 +77,7 @@ def test_rebuild_is_a_noop(tiny):
   data_dir, first = tiny
   files = sorted(Path(first["path"]).iterdir())
   mtimes = [f.stat().st_mtime_ns for f in files]
-  again = builders.build("shapes", data_dir=str(data_dir), image_size="tiny")
+  again = builders.build("shapes", data_dir=str(data_dir), variant="tiny")
   assert again["reused"] is True and "reused" in again["status"]
   assert again["splits"] == TINY and again["path"] == first["path"]
   assert sorted(Path(first["path"]).iterdir()) == files
