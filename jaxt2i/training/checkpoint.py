@@ -54,10 +54,9 @@ class Checkpointer:
   def due(self, step: int) -> bool:
     return step % self.every_steps == 0
 
-  def save(self, state: TrainState, data_iter: Any, config: dict, *, force: bool = False) -> bool:
+  def save(self, state: TrainState, data_iter: Any, config: dict) -> bool:
+    """Saves now (the caller decides when); async unless configured otherwise."""
     step = int(partitioning.fetch_replicated(state.step))
-    if not (force or self.due(step)):
-      return False
     items = {
         "params": ocp.args.StandardSave(state.params),
         "opt_state": ocp.args.StandardSave(state.opt_state),
@@ -112,7 +111,8 @@ class Checkpointer:
 
   def restore_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
-    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    args = ocp.args.Composite(config=ocp.args.JsonRestore())
+    return self.manager.restore(step, args=args)["config"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -161,7 +161,8 @@ def validate(config: ml_collections.ConfigDict, *, extra_top_level: tuple[str, .
     raise ConfigError("config.train.profile_steps must be () or (first_step, last_step)")
 
 
-def validate_batch(config: ml_collections.ConfigDict, batch_parallel: int, num_processes: int) -> None:
+def validate_batch(config: ml_collections.ConfigDict, batch_parallel: int,
+                   num_processes: int) -> None:
   """Checks the global batch against the mesh; needs the device count, so runs after mesh."""
   unit = batch_parallel * config.train.grad_accum_steps
   if config.batch_size % unit:

@@ -44,7 +44,8 @@ def lr_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Sched
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim: ml_collections.ConfigDict,
+                   num_steps: int) -> optax.GradientTransformation:
   schedule = lr_schedule(optim, num_steps)
   if optim.name == "adamw":
     opt = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,

@@ -267,8 +267,8 @@ class Trainer:
     logging.info("resuming from %s step %d", self.checkpointer.directory, latest)
     return self.checkpointer.restore(latest, self.abstract_state, self.state_shardings, data_iter)
 
-  def _save(self, state, data_iter, *, force=False) -> None:
-    self.checkpointer.save(state, data_iter, config_lib.to_json_dict(self.config), force=force)
+  def _save(self, state, data_iter) -> None:
+    self.checkpointer.save(state, data_iter, config_lib.to_json_dict(self.config))
 
   def train(self, batches: Iterator[Mapping[str, np.ndarray]] | None = None) -> TrainState:
     """Trains to config.train.num_steps, resuming from the workdir's latest checkpoint.
@@ -326,18 +326,18 @@ class Trainer:
         if cfg.train.eval_every and step % cfg.train.eval_every == 0:
           self.evaluate(state, step)
         if watcher.reached(step):
-          self._save(state, checkpointed_iter, force=True)
+          self._save(state, checkpointed_iter)
           self.checkpointer.wait()
           logging.warning("preempted: checkpoint for step %d written; exiting", step)
           return state
         if self.checkpointer.due(step):
-          self._save(state, checkpointed_iter, force=True)
+          self._save(state, checkpointed_iter)
       self._check_divergence(previous_metrics)
       jax.block_until_ready(state)
       self.loop_timing = {"steps": step - first_step,
                           "seconds": time.perf_counter() - loop_start}
       if self.checkpointer.latest_step() != step:
-        self._save(state, checkpointed_iter, force=True)
+        self._save(state, checkpointed_iter)
       if not cfg.train.eval_every or step % cfg.train.eval_every:
         self.evaluate(state, step)
       return state
@@ -353,11 +353,11 @@ class Trainer:
       return
     streak = int(partitioning.fetch_replicated(metrics["train/bad_streak"]))
     if streak >= self.config.train.max_bad_steps:
+      loss = float(partitioning.fetch_replicated(metrics["train/loss"]))
       raise TrainingDivergedError(
           f"{streak} consecutive steps had a non-finite loss/gradient or a loss spike "
-          f"(train.max_bad_steps={self.config.train.max_bad_steps}); last loss "
-          f"{float(partitioning.fetch_replicated(metrics['train/loss']))}. Lower optim.learning_rate, enable "
-          "optim.grad_clip_norm, or resume from an earlier checkpoint.")
+          f"(train.max_bad_steps={self.config.train.max_bad_steps}); last loss {loss}. Lower "
+          "optim.learning_rate, enable optim.grad_clip_norm, or resume from an earlier checkpoint.")
 
   def _log(self, step: int, pending: list[dict[str, jax.Array]], steps_per_s: float) -> None:
     fetched = partitioning.fetch_replicated(pending)
