@@ -55,32 +55,34 @@ def trainer_overhead(args) -> dict:
   config.train.num_steps = args.steps
   batches = make_batches(config)
   devices = jax.devices()[:1]
-  per_step = []
-  trainer = None
-  for _ in range(args.repeats):
+
+  def trainer_run():
     with tempfile.TemporaryDirectory() as workdir:
       trainer = Trainer(config, workdir, devices=devices)
       trainer.train(batches=itertools.cycle(batches))
-      per_step.append(trainer.loop_timing["seconds"] / trainer.loop_timing["steps"])
       trainer.writer.close()
       trainer.checkpointer.close()
+    return trainer, trainer.loop_timing["seconds"] / trainer.loop_timing["steps"]
 
-  step_fn = trainer.train_step
-  sharding = trainer.batch_sharding
-
-  def bare_loop():
-    state = trainer._init(jax.random.key(0))
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    for i in range(args.steps):
-      batch = {k: jax.device_put(v, sharding) for k, v in batches[i % len(batches)].items()
-               if k in pipeline.BATCH_KEYS}
-      state, _ = step_fn(state, batch)
-    jax.block_until_ready(state)
+  def bare_loop(trainer):
+    step_fn, sharding = trainer.train_step, trainer.batch_sharding
+    with jax.set_mesh(trainer.mesh):
+      state = trainer._init(jax.random.key(0))
+      jax.block_until_ready(state)
+      start = time.perf_counter()
+      for i in range(args.steps):
+        batch = {k: jax.device_put(v, sharding) for k, v in batches[i % len(batches)].items()
+                 if k in pipeline.BATCH_KEYS}
+        state, _ = step_fn(state, batch)
+      jax.block_until_ready(state)
     return (time.perf_counter() - start) / args.steps
 
-  with jax.set_mesh(trainer.mesh):
-    bare = sorted(bare_loop() for _ in range(args.repeats))
+  # Interleaved, so that a slow patch of a shared machine hits both loops alike.
+  per_step, bare = [], []
+  for _ in range(args.repeats):
+    trainer, seconds = trainer_run()
+    per_step.append(seconds)
+    bare.append(bare_loop(trainer))
   trainer_s, bare_s = float(np.median(per_step)), float(np.median(bare))
   overhead = trainer_s / bare_s - 1.0
   md = (f"Default baseline recipe (64x64, batch {config.batch_size}), 1 CPU device, "
@@ -89,7 +91,9 @@ def trainer_overhead(args) -> dict:
         "| loop | s/step | steps/s |\n|---|---|---|\n"
         f"| bare jitted step + device_put | {bare_s:.4f} | {1 / bare_s:.2f} |\n"
         f"| Trainer.train | {trainer_s:.4f} | {1 / trainer_s:.2f} |\n\n"
-        f"**Trainer overhead: {overhead * 100:+.1f}%** (goal: under 5%).")
+        f"**Trainer overhead: {overhead * 100:+.1f}%** (goal: under 5%). Every repeat, s/step: "
+        f"trainer {', '.join(f'{x:.4f}' for x in per_step)}; "
+        f"bare {', '.join(f'{x:.4f}' for x in bare)}.")
   data = {"trainer_s_per_step": trainer_s, "bare_s_per_step": bare_s, "overhead": overhead,
           "compile_s": trainer.compile_seconds, "all_trainer": per_step, "all_bare": bare}
   harness.record("trainer_overhead", "python benchmarks/run.py trainer_overhead", md, data)
@@ -131,7 +135,7 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("which", nargs="*", default=["trainer_overhead", "input_pipeline"])
   parser.add_argument("--steps", type=int, default=40)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--pipeline_batches", type=int, default=40)
   parser.add_argument("--data_dir", default=os.environ.get("JAXT2I_DATA_DIR",
                                                            str(REPO / ".cache" / "data")))

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
@@ -135,6 +136,10 @@ def make_loader(
                  value_range=tuple(data_cfg.value_range), keep_caption=keep_caption),
       grain.transforms.Batch(batch_size=local_batch, drop_remainder=True),
   ]
+  if data_cfg.worker_count > 0 and not flags.FLAGS.is_parsed():
+    # grain's worker processes read absl flags; outside an absl app (notebooks, scripts)
+    # they would fail with UnparsedFlagAccessError, so accept the defaults.
+    flags.FLAGS.mark_as_parsed()
   logging.info("data: %s[%s] %d records, host %d/%d reads %d per step", data_cfg.name,
                split or data_cfg.split, len(source), process_index, process_count, local_batch)
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
