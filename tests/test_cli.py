@@ -11,11 +11,11 @@ from helpers import REPO, worker_env
 pytestmark = pytest.mark.timeout(300)
 
 
-def jaxt2i(*args, data_dir=None, devices=1):
+def jaxt2i(*args, data_dir=None, devices=1, cwd=REPO):
   env = worker_env(devices)
   if data_dir:
     env["JAXT2I_DATA_DIR"] = str(data_dir)
-  return subprocess.run([sys.executable, "-m", "jaxt2i", *map(str, args)], env=env, cwd=REPO,
+  return subprocess.run([sys.executable, "-m", "jaxt2i", *map(str, args)], env=env, cwd=cwd,
                         capture_output=True, text=True, timeout=280)
 
 
@@ -46,18 +46,19 @@ def test_build_train_resume(tmp_path):
   data_dir = tmp_path / "data"
   out = jaxt2i("data", "build", "shapes", "--variant", "tiny", data_dir=data_dir)
   assert out.returncode == 0, out.stderr[-3000:]
-  workdir = tmp_path / "run"
-  args = ("train", "--config", "configs/baseline_shapes.py:tiny", "--workdir", workdir,
+  workdir = tmp_path / "run"  # passed relative to the working directory, as users do
+  args = ("train", "--config", REPO / "configs/baseline_shapes.py:tiny", "--workdir", "run",
           "--config.train.num_steps=6", "--config.checkpoint.every_steps=3",
           "--config.train.log_every=3")
-  out = jaxt2i(*args, data_dir=data_dir, devices=2)
+  out = jaxt2i(*args, data_dir=data_dir, devices=2, cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   log = out.stderr + out.stdout
   assert "step 6/6" in log and "steps/s" in log and "train step compiled" in log
   metrics = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in metrics if "train/loss" in m] == [3, 6]
   assert list((workdir / "samples").glob("*.png"))
-  out = jaxt2i(*args[:-3], "--config.train.num_steps=8", data_dir=data_dir, devices=2)
+  out = jaxt2i(*args[:-3], "--config.train.num_steps=8", data_dir=data_dir, devices=2,
+               cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resuming from" in out.stderr + out.stdout and "step 8/8" in out.stderr + out.stdout
 

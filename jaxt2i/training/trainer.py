@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import signal
 import threading
 import time
@@ -98,7 +99,8 @@ class Trainer:
                tokenizer: Tokenizer | None = None, devices: Sequence[jax.Device] | None = None):
     config_lib.validate(config)
     self.config = config
-    self.workdir = epath.Path(workdir)
+    # Orbax needs absolute paths; URLs (gs://...) pass through unchanged.
+    self.workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
     self.task = task or get_task(config)
     self.mesh = mesh_lib.create_mesh(config.mesh.to_dict(), devices)
     config_lib.validate_batch(config, mesh_lib.batch_parallel_size(self.mesh), jax.process_count())
