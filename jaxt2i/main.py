@@ -63,6 +63,11 @@ def _train(argv: list[str]) -> None:
   def main(args):
     if len(args) > 1:
       raise app.UsageError(f"unexpected arguments {args[1:]}")
+    import logging
+    # Orbax and friends log every checkpoint file at INFO through absl; the run's own
+    # progress lines (root logger) stay visible. --verbosity=1 brings them back.
+    if flags.FLAGS.verbosity <= 0:
+      logging.getLogger("absl").setLevel(logging.WARNING)
     from jaxt2i.training import config as config_lib
     from jaxt2i.training.trainer import train_and_evaluate
     config = flags.FLAGS.config

@@ -57,5 +57,9 @@ class CaptionRegressionTask(Task):
   def evaluate(self, params: PyTree, batch: Batch, rng: jax.Array) -> dict[str, jax.Array]:
     pred = self.predict(params, batch)
     low, high = self.config.data.value_range
-    images = jnp.clip((pred[:8] - low) / (high - low) * 255.0 + 0.5, 0, 255).astype(jnp.uint8)
-    return {"mse": jnp.mean(jnp.square(pred - batch["image"])), "samples": images}
+
+    def to_uint8(x):
+      return jnp.clip((x[:8] - low) / (high - low) * 255.0 + 0.5, 0, 255).astype(jnp.uint8)
+    # Predictions and the captions' real images, in the same order, for side-by-side grids.
+    return {"mse": jnp.mean(jnp.square(pred - batch["image"])), "samples": to_uint8(pred),
+            "reference": to_uint8(batch["image"])}
