@@ -257,3 +257,11 @@ def test_bfloat16_compute_keeps_float32_params(tmp_path, tok):
   batch = {k: jnp.zeros((2,) + s.shape[1:], s.dtype) for k, s in trainer.abstract_batch.items()}
   jaxpr = str(jax.make_jaxpr(trainer.task.loss)(state.params, batch, jax.random.key(0)))
   assert "bf16" in jaxpr
+
+
+def test_incompatible_checkpoint_is_a_clear_error(tmp_path, tok):
+  from jaxt2i.training.checkpoint import CheckpointError
+  run(tiny_config(**{"train.num_steps": 1, "mesh.data": 1}), tmp_path, tok, jax.devices()[:1])
+  wider = tiny_config(**{"train.num_steps": 2, "mesh.data": 1, "model.mlp_dim": 48})
+  with pytest.raises(CheckpointError, match=r"cannot be restored into this run \(changed model"):
+    run(wider, tmp_path, tok, jax.devices()[:1])
