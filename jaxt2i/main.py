@@ -125,22 +125,11 @@ def _data(argv: list[str]) -> None:
     print(json.dumps(summary, indent=2, default=str))
   else:
     try:
-      if args.out:
-        source = builders.data_source(args.dataset, "train", data_dir=args.data_dir)
-        captions = (_caption(source[i]) for i in range(len(source)))
-        tokenizer.train_tokenizer(captions, args.out, vocab_size=args.vocab_size)
-        print(args.out)
-      else:
-        tok_obj = tokenizer.tokenizer_for_dataset(args.dataset, data_dir=args.data_dir,
-                                                  vocab_size=args.vocab_size)
-        print(tok_obj.path)
+      tok_obj = tokenizer.tokenizer_for_dataset(args.dataset, data_dir=args.data_dir,
+                                                vocab_size=args.vocab_size, output_path=args.out)
+      print(tok_obj.path)
     except ValueError as e:
       sys.exit(f"jaxt2i data tokenizer: {e}")
-
-
-def _caption(record) -> str:
-  caption = record["caption"]
-  return caption.decode("utf-8") if isinstance(caption, bytes) else caption
 
 
 COMMANDS = {"train": _train, "data": _data}

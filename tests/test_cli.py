@@ -46,6 +46,13 @@ def test_build_train_resume(tmp_path):
   data_dir = tmp_path / "data"
   out = jaxt2i("data", "build", "shapes", "--variant", "tiny", data_dir=data_dir)
   assert out.returncode == 0, out.stderr[-3000:]
+  model = tmp_path / "tok" / "captions.model"
+  out = jaxt2i("data", "tokenizer", "--dataset", "shapes_v1/tiny", "--out", model,
+               data_dir=data_dir)
+  assert out.returncode == 0 and out.stdout.strip() == str(model), out.stderr[-3000:]
+  from jaxt2i.data.tokenizer import Tokenizer
+  assert Tokenizer.load(model).decode(Tokenizer.load(model).encode(
+      ["a small red circle in the top left"], 16)[0]) == ["a small red circle in the top left"]
   workdir = tmp_path / "run"  # passed relative to the working directory, as users do
   args = ("train", "--config", REPO / "configs/baseline_shapes.py:tiny", "--workdir", "run",
           "--config.train.num_steps=6", "--config.checkpoint.every_steps=3",

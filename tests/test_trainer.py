@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from helpers import SlowSource, flat, read_item, records, tiny_config, tokenizer_path
+from helpers import flat, read_item, records, tiny_config, tokenizer_path
 from jaxt2i.data.tokenizer import Tokenizer
 from jaxt2i.tasks.baseline import CaptionRegressionTask
 from jaxt2i.training import config as config_lib

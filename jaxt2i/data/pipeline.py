@@ -24,7 +24,7 @@ from PIL import Image
 from jaxt2i.data import builders
 from jaxt2i.data.tokenizer import Tokenizer, tokenizer_for_dataset
 
-# Keys every training batch carries; strings (the caption) stay on the host.
+# Keys every training batch carries.
 BATCH_KEYS = ("image", "tokens", "tokens_mask")
 
 
@@ -48,21 +48,15 @@ class Preprocess(grain.transforms.Map):
   image_size: int
   max_caption_length: int
   value_range: tuple[float, float] = (-1.0, 1.0)
-  keep_caption: bool = False
 
   def map(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
     image = resize_center_crop(builders.decode_image(record), self.image_size)
     low, high = self.value_range
     image = image.astype(np.float32) * ((high - low) / 255.0) + low
-    caption = record["caption"]
-    if isinstance(caption, bytes):
-      caption = caption.decode("utf-8")
-    tokens, mask = self.tokenizer.encode([caption], self.max_caption_length)
-    out = {"image": image, "tokens": tokens[0].astype(np.int32),
-           "tokens_mask": mask[0].astype(np.int32)}
-    if self.keep_caption:
-      out["caption"] = np.asarray(caption, dtype=object)
-    return out
+    # The tokenizer takes tfds's bytes captions as they are.
+    tokens, mask = self.tokenizer.encode([record["caption"]], self.max_caption_length)
+    return {"image": image, "tokens": tokens[0].astype(np.int32),
+            "tokens_mask": mask[0].astype(np.int32)}
 
 
 class InMemorySource:
@@ -101,7 +95,6 @@ def make_loader(
     num_epochs: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-    keep_caption: bool = False,
 ) -> grain.DataLoader:
   """A grain DataLoader yielding this host's share of each global batch.
 
@@ -133,7 +126,7 @@ def make_loader(
   ops = [
       Preprocess(tokenizer=tokenizer, image_size=data_cfg.image_size,
                  max_caption_length=data_cfg.max_caption_length,
-                 value_range=tuple(data_cfg.value_range), keep_caption=keep_caption),
+                 value_range=tuple(data_cfg.value_range)),
       grain.transforms.Batch(batch_size=local_batch, drop_remainder=True),
   ]
   if data_cfg.worker_count > 0 and not flags.FLAGS.is_parsed():

@@ -254,10 +254,14 @@ def _captions(source, limit: int) -> Iterator[str]:
 
 
 def tokenizer_for_dataset(name: str, data_dir: str | os.PathLike | None = None,
-                          vocab_size: int = 64, model_type: str = "unigram") -> Tokenizer:
-  """The cached tokenizer of data set `name`, trained from its train captions on first use."""
-  path = cache_path(name, data_dir, vocab_size, model_type)
-  if path.is_file():
+                          vocab_size: int = 64, model_type: str = "unigram",
+                          output_path: str | os.PathLike | None = None) -> Tokenizer:
+  """The cached tokenizer of data set `name`, trained from its train captions on first use.
+
+  With `output_path`, trains afresh and writes the model there instead of the cache.
+  """
+  path = Path(output_path) if output_path else cache_path(name, data_dir, vocab_size, model_type)
+  if path.is_file() and not output_path:
     return Tokenizer.load(path)
   from jaxt2i.data import builders
   source = builders.data_source(name, "train", data_dir=data_dir)

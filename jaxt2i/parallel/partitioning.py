@@ -124,6 +124,13 @@ def logical_to_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   return shardings
 
 
+def with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying `shardings`: targets for AOT compilation and for restoring
+  (onto any mesh)."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over the batch-parallel axes, the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

@@ -14,7 +14,6 @@ import logging
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -26,12 +25,6 @@ _ARRAY_ITEMS = ("params", "opt_state", "ema_params", "counters")
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored into the current run."""
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs carrying the *target* shardings: restoring reshards onto them."""
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 class Checkpointer:
@@ -82,7 +75,7 @@ class Checkpointer:
     items = {}
     for name in _ARRAY_ITEMS:
       if name == "counters":
-        target = _abstract(abstract_state.counters(), shardings.counters())
+        target = partitioning.with_shardings(abstract_state.counters(), shardings.counters())
       else:
         target = getattr(abstract_state, name)
         if target is None:
@@ -90,7 +83,8 @@ class Checkpointer:
         if name not in stored:
           raise CheckpointError(f"checkpoint step {step} has no {name!r} but the run needs it "
                                 "(was EMA off when it was written?)")
-        target = _abstract(target, getattr(shardings, name))
+        # Restoring onto the target shardings reshards from whatever mesh wrote it.
+        target = partitioning.with_shardings(target, getattr(shardings, name))
       items[name] = ocp.args.StandardRestore(target)
     if data_iter is not None:
       if "data" not in stored:
@@ -108,11 +102,6 @@ class Checkpointer:
         ema_params=restored.get("ema_params") if abstract_state.ema_params is not None else None,
         loss_ema=counters["loss_ema"], skipped=counters["skipped"],
         bad_streak=counters["bad_streak"])
-
-  def restore_config(self, step: int | None = None) -> dict:
-    step = self.latest_step() if step is None else step
-    args = ocp.args.Composite(config=ocp.args.JsonRestore())
-    return self.manager.restore(step, args=args)["config"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

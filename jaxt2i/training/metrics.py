@@ -7,7 +7,6 @@ other processes get a writer that does nothing, so call sites need no `if`.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections.abc import Mapping

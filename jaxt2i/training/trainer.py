@@ -161,9 +161,7 @@ class Trainer:
     replicated = partitioning.replicated(self.mesh)
     step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
-    abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        self.abstract_state, self.state_shardings)
+    abstract_state = partitioning.with_shardings(self.abstract_state, self.state_shardings)
     start = time.perf_counter()
     with self._sharding_context():
       self.train_step = step.lower(abstract_state, self.abstract_batch).compile()
