@@ -25,6 +25,9 @@ def get_config(arg: str | None = None):
   config.train.num_steps = 800
   config.train.log_every = 50
   config.train.eval_every = 400
+  # shapes-v1 score of 8 test + 8 test_heldout prompts at every eval (TensorBoard: eval/shapes_*).
+  config.eval.shapes_prompts = 8
+  config.eval.samples_per_prompt = 1  # the baseline is deterministic
   config.optim.learning_rate = 2e-3
   config.checkpoint.every_steps = 400
 
@@ -38,6 +41,7 @@ def get_config(arg: str | None = None):
     config.train.num_steps = 40
     config.train.log_every = 10
     config.train.eval_every = 0
+    config.eval.shapes_prompts = 0
     config.optim.warmup_steps = 5
     config.checkpoint.every_steps = 20
   elif arg not in (None, "", "default"):

@@ -4,6 +4,10 @@
   jaxt2i data build shapes [--variant 64|32|128|tiny] [--data_dir DIR]
   jaxt2i data build folder --path DIR --dataset_name NAME [--data_dir DIR]
   jaxt2i data tokenizer --dataset NAME [--vocab_size N] [--out PATH] [--data_dir DIR]
+  jaxt2i eval --workdir DIR [--num_prompts M] [--samples_per_prompt K]
+  jaxt2i eval shapes --images DIR_OR_NPZ --captions FILE [--out report.json]
+  jaxt2i eval train-evaluator [--image_size 64] [--force]
+  jaxt2i eval fid --images A --reference B --inception_weights FILE
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ commands:
                jaxt2i data build shapes --variant 64          (shapes-v1, the built-in benchmark)
                jaxt2i data build folder --path DIR --dataset_name NAME   (your image+caption files)
                jaxt2i data tokenizer --dataset shapes_v1/64 --vocab_size 64
+  eval       sample a run and score it on shapes-v1 (eval.json + index.html in the workdir):
+               jaxt2i eval --workdir DIR
+             score your own images:  jaxt2i eval shapes --images DIR --captions captions.txt
+             (re)train the cached scorer:  jaxt2i eval train-evaluator --image_size 64
+             Inception FID between two image sets:  jaxt2i eval fid --images A --reference B
+               --inception_weights pt_inception-2015-12-05-6726825d.pth
 
 `jaxt2i COMMAND --help` explains each command's options.
 """
@@ -132,7 +142,94 @@ def _data(argv: list[str]) -> None:
       sys.exit(f"jaxt2i data tokenizer: {e}")
 
 
-COMMANDS = {"train": _train, "data": _data}
+def _quiet_logs(verbose: bool) -> None:
+  import logging
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  if not verbose:
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def _eval(argv: list[str]) -> None:
+  actions = ("shapes", "train-evaluator", "fid")
+  if argv and argv[0] in actions:
+    action, argv = argv[0], argv[1:]
+  else:
+    action = "run"
+  parser = argparse.ArgumentParser(prog=f"jaxt2i eval{'' if action == 'run' else ' ' + action}")
+  parser.add_argument("--cache_dir", default=None, help="where trained evaluators are cached "
+                      "(default $JAXT2I_CACHE_DIR or ~/.cache/jaxt2i)")
+  parser.add_argument("--verbose", action="store_true", help="library INFO logs too")
+  if action == "run":
+    parser.description = ("Samples a trained run on shapes-v1 prompts of test and test_heldout, "
+                          "scores them and writes eval.json + index.html (+ samples/).")
+    parser.add_argument("--workdir", required=True, help="the run's directory")
+    parser.add_argument("--num_prompts", type=int, default=16, help="prompts per split")
+    parser.add_argument("--samples_per_prompt", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="report directory (default: the workdir)")
+  elif action == "shapes":
+    parser.description = ("Scores images against their shapes-v1 captions: fraction fully "
+                          "correct and per-attribute accuracy.")
+    parser.add_argument("--images", required=True, help="folder of images (sorted by name) or "
+                        ".npz of uint8 [N, H, W, 3]")
+    parser.add_argument("--captions", required=True, help="text file, one caption per line, in "
+                        "the images' order")
+    parser.add_argument("--out", default=None, help="write the JSON report here")
+    parser.add_argument("--split", default="custom", help="name of this prompt set in the report")
+    parser.add_argument("--per_image", action="store_true", help="include per-image verdicts")
+  elif action == "train-evaluator":
+    parser.description = ("Trains the shapes-v1 evaluator for an image size into the cache "
+                          "(skipped when already there, unless --force).")
+    parser.add_argument("--image_size", type=int, default=64, choices=[32, 64, 128])
+    parser.add_argument("--force", action="store_true")
+  else:
+    parser.description = "Inception-v3 FID and KID between two image sets (local weights only)."
+    parser.add_argument("--images", required=True)
+    parser.add_argument("--reference", required=True)
+    parser.add_argument("--inception_weights", required=True, help="pytorch-fid's "
+                        "pt_inception-2015-12-05-6726825d.pth (or .safetensors / .npz)")
+    parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  _quiet_logs(args.verbose)
+  from jaxt2i.eval import runner, shapes as shapes_eval
+  try:
+    if action == "run":
+      results = runner.evaluate_workdir(args.workdir, num_prompts=args.num_prompts,
+                                        samples_per_prompt=args.samples_per_prompt,
+                                        seed=args.seed, out_dir=args.out,
+                                        cache_dir=args.cache_dir)
+      out = args.out or args.workdir
+      print(runner.main_summary(results))
+      print(f"report: {out}/index.html  numbers: {out}/eval.json")
+    elif action == "shapes":
+      images = runner.read_images(args.images)
+      captions = runner.read_captions(args.captions)
+      report = shapes_eval.score(images, captions, cache_dir=args.cache_dir,
+                                 include_images=args.per_image)
+      text = json.dumps({args.split: report}, indent=2)
+      if args.out:
+        with open(args.out, "w") as f:
+          f.write(text)
+      print(text if args.per_image is False or not args.out else
+            json.dumps({args.split: {k: v for k, v in report.items() if k != "images"}}, indent=2))
+    elif action == "train-evaluator":
+      directory = shapes_eval.train_evaluator(args.image_size, args.cache_dir, force=args.force)
+      print((directory / "evaluator.json").read_text())
+      print(f"evaluator: {directory}")
+    else:
+      from jaxt2i.eval import inception
+      result = inception.fid_between(runner.read_images(args.images),
+                                     runner.read_images(args.reference), args.inception_weights)
+      text = json.dumps(result, indent=2)
+      if args.out:
+        with open(args.out, "w") as f:
+          f.write(text)
+      print(text)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"jaxt2i eval{'' if action == 'run' else ' ' + action}: {e}")
+
+
+COMMANDS = {"train": _train, "data": _data, "eval": _eval}
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -43,20 +43,29 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess(grain.transforms.Map):
-  """Decodes one record into model inputs: scaled image and tokenized caption."""
-  tokenizer: Tokenizer
+  """Decodes one record into model inputs: scaled image and tokenized caption.
+
+  Without a tokenizer (tasks that read no text) there are no `tokens`; `features` (a picklable
+  function of the record, for grain's worker processes) adds a task's per-record targets.
+  """
+  tokenizer: Tokenizer | None
   image_size: int
   max_caption_length: int
   value_range: tuple[float, float] = (-1.0, 1.0)
+  features: Callable[[Mapping[str, Any]], dict[str, np.ndarray]] | None = None
 
   def map(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
     image = resize_center_crop(builders.decode_image(record), self.image_size)
     low, high = self.value_range
-    image = image.astype(np.float32) * ((high - low) / 255.0) + low
-    # The tokenizer takes tfds's bytes captions as they are.
-    tokens, mask = self.tokenizer.encode([record["caption"]], self.max_caption_length)
-    return {"image": image, "tokens": tokens[0].astype(np.int32),
-            "tokens_mask": mask[0].astype(np.int32)}
+    out = {"image": image.astype(np.float32) * ((high - low) / 255.0) + low}
+    if self.tokenizer is not None:
+      # The tokenizer takes tfds's bytes captions as they are.
+      tokens, mask = self.tokenizer.encode([record["caption"]], self.max_caption_length)
+      out["tokens"] = tokens[0].astype(np.int32)
+      out["tokens_mask"] = mask[0].astype(np.int32)
+    if self.features is not None:
+      out.update(self.features(record))
+    return out
 
 
 class InMemorySource:
@@ -95,11 +104,14 @@ def make_loader(
     num_epochs: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    text: bool = True,
+    features: Callable[[Mapping[str, Any]], dict[str, np.ndarray]] | None = None,
 ) -> grain.DataLoader:
   """A grain DataLoader yielding this host's share of each global batch.
 
   `source` overrides the tfds source (any object with __len__ and __getitem__ returning
-  records like the builders'). `num_epochs=None` repeats forever (training).
+  records like the builders'). `num_epochs=None` repeats forever (training). `text=False`
+  skips the tokenizer (no `tokens` in the batch); `features` adds per-record arrays.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -110,8 +122,11 @@ def make_loader(
                                   data_dir=data_cfg.data_dir or None)
   elif isinstance(source, (list, tuple)):
     source = InMemorySource(source)
-  tokenizer = tokenizer or load_tokenizer(data_cfg)
-  if tokenizer.vocab_size > data_cfg.vocab_size:
+  if not text:
+    tokenizer = None
+  else:
+    tokenizer = tokenizer or load_tokenizer(data_cfg)
+  if tokenizer is not None and tokenizer.vocab_size > data_cfg.vocab_size:
     raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but config.data.vocab_size="
                      f"{data_cfg.vocab_size}; raise config.data.vocab_size")
   local_batch = global_batch_size // process_count
@@ -126,7 +141,7 @@ def make_loader(
   ops = [
       Preprocess(tokenizer=tokenizer, image_size=data_cfg.image_size,
                  max_caption_length=data_cfg.max_caption_length,
-                 value_range=tuple(data_cfg.value_range)),
+                 value_range=tuple(data_cfg.value_range), features=features),
       grain.transforms.Batch(batch_size=local_batch, drop_remainder=True),
   ]
   if data_cfg.worker_count > 0 and not flags.FLAGS.is_parsed():

@@ -2,3 +2,4 @@
 
 from jaxt2i.tasks import baseline  # noqa: F401
 from jaxt2i.tasks.base import TASKS, Task, get_task, register  # noqa: F401
+from jaxt2i.tasks import shapes_evaluator  # noqa: F401

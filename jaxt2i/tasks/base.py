@@ -9,13 +9,15 @@ made by jaxt2i.data.pipeline: `image` float [B, H, W, 3] in config.data.value_ra
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from jaxt2i.data.pipeline import BATCH_KEYS
 from jaxt2i.training.config import ConfigError
 
 PyTree = Any
@@ -26,6 +28,11 @@ class Task(abc.ABC):
   """Subclasses set `name` and `default_model_config()`, and implement init / loss."""
 
   name: str = ""
+  # What the input pipeline delivers: the arrays of a batch, whether captions are tokenized,
+  # and an optional picklable function adding per-record targets (e.g. labels).
+  batch_keys: tuple[str, ...] = BATCH_KEYS
+  uses_text: bool = True
+  record_features: Callable[[Mapping[str, Any]], dict[str, np.ndarray]] | None = None
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -43,6 +50,12 @@ class Task(abc.ABC):
       raise ConfigError(f"unknown config field(s) {['model.' + k for k in unknown]} for task "
                         f"{self.name!r}; it knows {sorted('model.' + k for k in defaults)}")
 
+  def data_source(self, split: str) -> Sequence[Mapping[str, Any]] | None:
+    """Records of `split` when the task makes its own data (e.g. generated on the fly);
+    None reads config.data from tfds."""
+    del split
+    return None
+
   @abc.abstractmethod
   def init(self, rng: jax.Array, batch: Batch) -> PyTree:
     """Trainable params (may be boxed with logical axis names); `batch` is abstract-shaped."""
@@ -50,6 +63,11 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def loss(self, params: PyTree, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
     """Scalar training loss and a dict of scalar metrics (averaged over the batch)."""
+
+  def sample(self, params: PyTree, batch: Batch, rng: jax.Array) -> jax.Array:
+    """Images for the captions of `batch` (`tokens`, `tokens_mask`): uint8 [B, H, W, 3].
+    Runs inside jit; text-to-image tasks implement it (used by `jaxt2i eval`)."""
+    raise NotImplementedError(f"task {self.name!r} does not generate images")
 
   def evaluate(self, params: PyTree, batch: Batch, rng: jax.Array) -> dict[str, jax.Array]:
     """Optional periodic evaluation on a batch with the (EMA) params: scalar metrics and

@@ -54,12 +54,16 @@ class CaptionRegressionTask(Task):
     mse = jnp.mean(jnp.square(self.predict(params, batch) - batch["image"]))
     return mse, {"mse": mse}
 
+  def to_uint8(self, x: jax.Array) -> jax.Array:
+    low, high = self.config.data.value_range
+    return jnp.clip((x - low) / (high - low) * 255.0 + 0.5, 0, 255).astype(jnp.uint8)
+
+  def sample(self, params: PyTree, batch: Batch, rng: jax.Array) -> jax.Array:
+    del rng  # one deterministic image per caption
+    return self.to_uint8(self.predict(params, batch))
+
   def evaluate(self, params: PyTree, batch: Batch, rng: jax.Array) -> dict[str, jax.Array]:
     pred = self.predict(params, batch)
-    low, high = self.config.data.value_range
-
-    def to_uint8(x):
-      return jnp.clip((x[:8] - low) / (high - low) * 255.0 + 0.5, 0, 255).astype(jnp.uint8)
     # Predictions and the captions' real images, in the same order, for side-by-side grids.
-    return {"mse": jnp.mean(jnp.square(pred - batch["image"])), "samples": to_uint8(pred),
-            "reference": to_uint8(batch["image"])}
+    return {"mse": jnp.mean(jnp.square(pred - batch["image"])),
+            "samples": self.to_uint8(pred[:8]), "reference": self.to_uint8(batch["image"][:8])}

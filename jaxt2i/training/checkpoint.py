@@ -108,3 +108,32 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def restore_params(directory: epath.PathLike, abstract_params: Any, *, step: int | None = None,
+                   ema: bool = True, device: Any = None) -> Any:
+  """The params (EMA params when stored and `ema`) of a checkpoint, onto one device, for
+  inference; `abstract_params` gives the tree of shapes and dtypes."""
+  import jax
+  directory = epath.Path(directory)
+  if not directory.exists():
+    raise CheckpointError(f"no checkpoints in {directory}")
+  manager = ocp.CheckpointManager(directory)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoints in {directory}")
+    stored = set(manager.item_metadata(step).keys())
+    name = "ema_params" if ema and "ema_params" in stored else "params"
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          abstract_params)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          **{name: ocp.args.StandardRestore(target)}))
+    except (ValueError, KeyError) as e:
+      raise CheckpointError(f"checkpoint {directory}/{step} does not hold this model's params "
+                            f"({e})") from e
+    return restored[name]
+  finally:
+    manager.close()

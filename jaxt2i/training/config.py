@@ -81,6 +81,12 @@ def trainer_defaults() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.01      # decoupled weight decay (adamw)
   c.optim.grad_clip_norm = 1.0     # clip the global grad norm; 0 = off
 
+  c.eval = ml_collections.ConfigDict()
+  c.eval.shapes_prompts = 0        # eval hook: shapes-v1 score on this many prompts of each of
+                                   # test and test_heldout (text-to-image tasks); 0 = off
+  c.eval.samples_per_prompt = 2    # images per prompt for the score, diversity and grids
+  c.eval.seed = 0                  # sampling seed of the eval hook
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500   # save every N steps (and at the end / on preemption)
   c.checkpoint.keep = 3            # keep the last K checkpoints
@@ -88,7 +94,7 @@ def trainer_defaults() -> ml_collections.ConfigDict:
   return c
 
 
-_SECTIONS = ("mesh", "sharding", "distributed", "data", "train", "optim", "checkpoint")
+_SECTIONS = ("mesh", "sharding", "distributed", "data", "train", "optim", "eval", "checkpoint")
 _CHOICES = {
     "sharding.strategy": ("dp", "fsdp", "tp", "fsdp_tp"),
     "distributed.mode": ("auto", "none", "explicit"),
@@ -98,11 +104,13 @@ _CHOICES = {
 }
 _POSITIVE = ("batch_size", "data.image_size", "data.max_caption_length", "data.vocab_size",
              "train.num_steps", "train.grad_accum_steps", "train.log_every",
-             "train.max_bad_steps", "checkpoint.every_steps", "checkpoint.keep")
+             "train.max_bad_steps", "eval.samples_per_prompt", "checkpoint.every_steps",
+             "checkpoint.keep")
 _NON_NEGATIVE = ("seed", "data.worker_count", "data.worker_buffer_size", "train.eval_every",
                  "train.loss_spike_factor", "train.loss_spike_warmup", "optim.learning_rate",
                  "optim.warmup_steps", "optim.decay_steps", "optim.weight_decay",
-                 "optim.grad_clip_norm", "optim.end_lr_factor", "optim.eps")
+                 "optim.grad_clip_norm", "optim.end_lr_factor", "optim.eps",
+                 "eval.shapes_prompts", "eval.seed")
 
 
 def get(config: Any, dotted: str) -> Any:
@@ -173,6 +181,24 @@ def validate_batch(config: ml_collections.ConfigDict, batch_parallel: int,
   if config.batch_size % num_processes:
     raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by the number "
                       f"of processes ({num_processes}): each host loads an equal share")
+
+
+def from_json_dict(values: dict) -> ml_collections.ConfigDict:
+  """A run's saved config.json back as a config; fields added since it was written take their
+  defaults (older runs stay loadable)."""
+  config = trainer_defaults()
+
+  def merge(target, source):
+    for key, value in source.items():
+      if isinstance(value, dict) and key != "model" and isinstance(target.get(key),
+                                                                   ml_collections.ConfigDict):
+        merge(target[key], value)
+      else:
+        target[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+
+  with config.unlocked():
+    merge(config, values)
+  return config
 
 
 def to_json_dict(config: ml_collections.ConfigDict) -> dict:

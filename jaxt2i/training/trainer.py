@@ -81,9 +81,9 @@ class _PreemptionWatcher:
 
 
 def _abstract_batch(local: Mapping[str, np.ndarray], global_size: int,
-                    sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
+                    sharding: NamedSharding, keys: Sequence[str]) -> dict[str, jax.ShapeDtypeStruct]:
   return {k: jax.ShapeDtypeStruct((global_size,) + v.shape[1:], v.dtype, sharding=sharding)
-          for k, v in local.items() if k in pipeline.BATCH_KEYS}
+          for k, v in local.items() if k in keys}
 
 
 class Trainer:
@@ -125,22 +125,26 @@ class Trainer:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       yield
 
-  def _tokenizer_or_load(self) -> Tokenizer:
+  def _tokenizer_or_load(self) -> Tokenizer | None:
+    if not self.task.uses_text:
+      return None
     if self._tokenizer is None:
       self._tokenizer = pipeline.load_tokenizer(self.config.data)
     return self._tokenizer
 
   def make_loader(self, *, split: str | None = None, source=None, shuffle=None, num_epochs=None):
+    if source is None:
+      source = self.task.data_source(split or self.config.data.split)
     return pipeline.make_loader(
         self.config.data, global_batch_size=self.config.batch_size, seed=self.config.seed,
         split=split, source=source, tokenizer=self._tokenizer_or_load(), shuffle=shuffle,
-        num_epochs=num_epochs)
+        num_epochs=num_epochs, text=self.task.uses_text, features=self.task.record_features)
 
   def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     """This host's numpy share -> global arrays sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(
         self.batch_sharding, np.asarray(v), (self.config.batch_size,) + v.shape[1:])
-            for k, v in local.items() if k in pipeline.BATCH_KEYS}
+            for k, v in local.items() if k in self.task.batch_keys}
 
   def build(self, abstract_batch: Mapping[str, jax.ShapeDtypeStruct]) -> None:
     """Abstract state, its shardings, the sharded init and the compiled train step."""
@@ -290,7 +294,8 @@ class Trainer:
       data_iter = iter(batches)
       first_local = next(data_iter)
       data_iter = itertools.chain([first_local], data_iter)
-    self.build(_abstract_batch(first_local, cfg.batch_size, self.batch_sharding))
+    self.build(_abstract_batch(first_local, cfg.batch_size, self.batch_sharding,
+                               self.task.batch_keys))
     checkpointed_iter = data_iter if batches is None else None
     state = self.initial_state(checkpointed_iter)
     step = int(partitioning.fetch_replicated(state.step))
@@ -400,6 +405,10 @@ class Trainer:
           params, self._eval_batch(), jax.random.key(self.config.seed + 2)))
     scalars = {f"eval/{k}": v for k, v in out.items() if np.ndim(v) == 0}
     images = {f"eval/{k}": v for k, v in out.items() if np.ndim(v) == 4}
+    if self.config.eval.shapes_prompts:
+      shape_scalars, grids = self._shapes_eval(params)
+      scalars.update({f"eval/{k}": v for k, v in shape_scalars.items()})
+      images.update({f"eval/{k}": v for k, v in grids.items()})
     self.writer.scalars(step, scalars)
     self.writer.images(step, images)
     if jax.process_index() == 0 and images:
@@ -413,6 +422,32 @@ class Trainer:
       logging.info("eval step %d: %s", step, ", ".join(f"{k} {float(v):.4g}"
                                                        for k, v in scalars.items()))
     return out
+
+
+  def _shapes_eval(self, params) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """shapes-v1 score of samples from the current (EMA) params: scalars and sample grids."""
+    from jaxt2i.eval import runner, shapes as shapes_eval
+    size = shapes_eval.nearest_evaluator_size(self.config.data.image_size)
+    if (jax.process_count() > 1
+        and not (shapes_eval.evaluator_dir(size) / "evaluator.json").exists()):
+      logging.warning("eval.shapes_prompts: no cached %dpx shapes-v1 evaluator; train it once "
+                      "with `jaxt2i eval train-evaluator --image_size %d` (skipping)", size, size)
+      return {}, {}
+    replicated = partitioning.replicated(self.mesh)
+    if not hasattr(self, "_sample_step"):
+      self._sample_step = jax.jit(self.task.sample, out_shardings=replicated)
+
+    def sample_fn(params, batch, rng):
+      batch = jax.device_put({k: np.asarray(v) for k, v in batch.items()}, replicated)
+      with self._sharding_context():
+        return partitioning.fetch_replicated(self._sample_step(params, batch, rng))
+
+    start = time.perf_counter()
+    scalars, grids = runner.hook_results(self.task, params, self._tokenizer_or_load(),
+                                         self.config.eval, self.config.data.image_size,
+                                         sample_fn=sample_fn)
+    logging.info("shapes-v1 eval took %.1fs", time.perf_counter() - start)
+    return scalars, grids
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:

@@ -1,0 +1,110 @@
+"""`jaxt2i eval` on a trained run, and the trainer's periodic shapes-v1 eval hook."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import REPO, records, tiny_config, tokenizer_path
+from jaxt2i.data.tokenizer import Tokenizer
+from jaxt2i.eval import runner
+from jaxt2i.training import config as config_lib
+from jaxt2i.training.trainer import Trainer
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _config(tok_path, **overrides):
+  # 64 px, so the (cached) 64 px evaluator scores it.
+  return tiny_config(**{"data.image_size": 64, "data.tokenizer": str(tok_path), **overrides})
+
+
+def _train(config, workdir, tok):
+  trainer = Trainer(config, workdir, source=records(64, 64), tokenizer=tok)
+  try:
+    return trainer, trainer.train()
+  finally:
+    trainer.writer.close()
+    trainer.checkpointer.close()
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory):
+  return tokenizer_path(tmp_path_factory.mktemp("tok"))
+
+
+def test_eval_hook_logs_scores_and_grids(tmp_path, tok_path, evaluator_64):
+  del evaluator_64
+  config = _config(tok_path, **{"eval.shapes_prompts": 3, "eval.samples_per_prompt": 2,
+                                "train.eval_every": 2})
+  _train(config, tmp_path, Tokenizer.load(str(tok_path)))
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  evals = [l for l in lines if "eval/shapes_test/fully_correct" in l]
+  assert [l["step"] for l in evals] == [2, 4]
+  for key in ("fully_correct", "color", "shape", "size", "place", "count", "frechet_distance",
+              "kid", "diversity"):
+    for split in ("test", "test_heldout"):
+      value = evals[-1][f"eval/shapes_{split}/{key}"]
+      assert np.isfinite(value), (split, key)
+  # The untrained baseline draws blurry blobs: far from every real image, and never correct.
+  assert evals[-1]["eval/shapes_test/fully_correct"] == 0.0
+  assert evals[-1]["eval/shapes_test/frechet_distance"] > 1.0
+  grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
+  assert "shapes_test_0000004.png" in grids and "shapes_test_heldout_0000004.png" in grids
+  events = list((tmp_path / "tensorboard").iterdir())
+  assert events and max(e.stat().st_size for e in events) > 10_000  # image summaries
+
+
+def test_eval_workdir_writes_report_and_is_deterministic(tmp_path, tok_path, evaluator_64):
+  del evaluator_64
+  workdir = tmp_path / "run"
+  _train(_config(tok_path), workdir, Tokenizer.load(str(tok_path)))
+  results = runner.evaluate_workdir(workdir, num_prompts=3, samples_per_prompt=2)
+  assert set(results["splits"]) == {"test", "test_heldout"}
+  for res in results["splits"].values():
+    assert res["num_images"] == 6
+    assert set(res["per_attribute"]) == {"color", "shape", "size", "place", "count"}
+    assert res["frechet_distance"] > 0 and np.isfinite(res["kid"])
+    assert res["diversity"] == pytest.approx(0.0, abs=1e-6)  # the baseline is deterministic
+  saved = json.loads((workdir / "eval.json").read_text())
+  assert saved["splits"] == json.loads(json.dumps(results["splits"]))
+  html = (workdir / "index.html").read_text()
+  assert html.count("<img ") == 12
+  for _, caption in runner.eval_prompts(3):
+    assert caption in html
+  assert len(list((workdir / "samples").glob("0*_*.png"))) == 12
+  again = runner.evaluate_workdir(workdir, num_prompts=3, samples_per_prompt=2,
+                                  out_dir=tmp_path / "again")
+  assert again["splits"] == results["splits"]
+
+
+def test_eval_cli_on_a_workdir(tmp_path, tok_path, evaluator_64):
+  del evaluator_64
+  workdir = tmp_path / "run"
+  _train(_config(tok_path), workdir, Tokenizer.load(str(tok_path)))
+  result = subprocess.run([sys.executable, "-m", "jaxt2i", "eval", "--workdir", str(workdir),
+                           "--num_prompts", "2", "--samples_per_prompt", "1"],
+                          capture_output=True, text=True, timeout=280, cwd=REPO)
+  assert result.returncode == 0, result.stderr
+  assert "test_heldout: fully correct" in result.stdout
+  assert (workdir / "index.html").exists() and (workdir / "eval.json").exists()
+  missing = subprocess.run([sys.executable, "-m", "jaxt2i", "eval", "--workdir",
+                            str(tmp_path / "nothing")], capture_output=True, text=True,
+                           timeout=120, cwd=REPO)
+  assert missing.returncode != 0 and "no config.json" in missing.stderr
+  assert "Traceback" not in missing.stderr
+
+
+def test_old_config_json_loads_with_new_defaults():
+  config = tiny_config()
+  values = config_lib.to_json_dict(config)
+  del values["eval"]  # written before the eval section existed
+  loaded = config_lib.from_json_dict(values)
+  config_lib.validate(loaded)
+  assert loaded.eval.shapes_prompts == 0
+  assert loaded.model.channels == config.model.channels
+  assert tuple(loaded.data.value_range) == tuple(config.data.value_range)
