@@ -206,12 +206,11 @@ def _eval(argv: list[str]) -> None:
       captions = runner.read_captions(args.captions)
       report = shapes_eval.score(images, captions, cache_dir=args.cache_dir,
                                  include_images=args.per_image)
-      text = json.dumps({args.split: report}, indent=2)
       if args.out:
         with open(args.out, "w") as f:
-          f.write(text)
-      print(text if args.per_image is False or not args.out else
-            json.dumps({args.split: {k: v for k, v in report.items() if k != "images"}}, indent=2))
+          f.write(json.dumps({args.split: report}, indent=2))
+        report = {k: v for k, v in report.items() if k != "images"}  # the file has them
+      print(json.dumps({args.split: report}, indent=2))
     elif action == "train-evaluator":
       directory = shapes_eval.train_evaluator(args.image_size, args.cache_dir, force=args.force)
       print((directory / "evaluator.json").read_text())

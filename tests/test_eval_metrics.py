@@ -117,3 +117,5 @@ def test_report_writes_json_html_and_pngs(tmp_path):
   from PIL import Image
   first = np.asarray(Image.open(tmp_path / "samples" / "0000_0.png"))
   np.testing.assert_array_equal(first, images[0])
+  grid = np.asarray(Image.open(tmp_path / "grid_test.png"))  # one prompt, two samples: 1 x 2
+  assert grid.shape == (16, 34, 3) and "grid_test.png" in html

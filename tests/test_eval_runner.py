@@ -52,7 +52,10 @@ def test_eval_hook_logs_scores_and_grids(tmp_path, tok_path, evaluator_64):
       assert np.isfinite(value), (split, key)
   # The untrained baseline draws blurry blobs: far from every real image, and never correct.
   assert evals[-1]["eval/shapes_test/fully_correct"] == 0.0
-  assert evals[-1]["eval/shapes_test/frechet_distance"] > 1.0
+  # Blobs are farther from real images than as many real images are (at 6 samples in 256-d
+  # the small-sample bias dominates both).
+  assert (evals[-1]["eval/shapes_test/frechet_distance"]
+          > evals[-1]["eval/shapes_test/frechet_distance_real"] > 0)
   grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
   assert "shapes_test_0000004.png" in grids and "shapes_test_heldout_0000004.png" in grids
   events = list((tmp_path / "tensorboard").iterdir())

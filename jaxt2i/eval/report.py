@@ -4,6 +4,7 @@
     out/index.html        summary table, then per prompt its samples with a tick or cross per
                           attribute (C colour, S shape, Z size, P place, N count)
     out/samples/*.png     one PNG per sample, shown pixelated at 2x or more
+    out/grid_SPLIT.png    all samples of a split: one row per prompt
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 from PIL import Image
+
+from jaxt2i.training.metrics import image_grid
 
 _MARKS = (("color", "C"), ("shape", "S"), ("size", "Z"), ("place", "P"), ("count", "N"))
 
@@ -58,11 +61,22 @@ def _summary_rows(results: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]
   for split, res in results.get("splits", {}).items():
     flat = {"fully_correct": res.get("fully_correct")}
     flat.update(res.get("per_attribute", {}))
-    for key in ("frechet_distance", "kid", "diversity", "num_images"):
+    for key in ("frechet_distance", "frechet_distance_real", "kid", "diversity", "num_images"):
       if key in res:
         flat[key] = res[key]
     rows.append((split, flat))
   return rows
+
+
+def _split_grid(out: epath.Path, split: Any, prompts: Sequence[Mapping[str, Any]]) -> str | None:
+  """grid_SPLIT.png: one row per prompt (prompts with the same sample count only)."""
+  counts = {len(p["images"]) for p in prompts}
+  if len(counts) != 1:
+    return None
+  images = np.concatenate([np.asarray(p["images"]) for p in prompts])
+  name = f"grid_{''.join(c if c.isalnum() or c in '-_' else '_' for c in str(split))}.png"
+  Image.fromarray(image_grid(images, columns=counts.pop())).save(out / name)
+  return name
 
 
 def write_report(out_dir: epath.PathLike, results: Mapping[str, Any],
@@ -97,7 +111,9 @@ def write_report(out_dir: epath.PathLike, results: Mapping[str, Any],
   for p_index, prompt in enumerate(prompts):
     if prompt.get("split") != current:
       current = prompt.get("split")
-      parts.append(f"<h2>{html.escape(str(current))}</h2>")
+      grid = _split_grid(out, current, [p for p in prompts if p.get("split") == current])
+      link = f" <a href='{grid}'>(all samples as one PNG)</a>" if grid else ""
+      parts.append(f"<h2>{html.escape(str(current))}{link}</h2>")
     parts.append(f"<div class='prompt'><div class='caption'>{html.escape(prompt['caption'])}"
                  "</div><div class='samples'>")
     images = np.asarray(prompt["images"])

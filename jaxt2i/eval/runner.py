@@ -28,6 +28,7 @@ from jaxt2i.eval import shapes as shapes_eval
 
 EVAL_SPLITS = ("test", "test_heldout")
 NUM_REAL_FEATURES = 2000
+REAL_FLOOR_OFFSET = 100_000  # real images for the floor come from here on, not the reference
 
 
 def eval_prompts(num_prompts: int, splits: Sequence[str] = EVAL_SPLITS
@@ -106,6 +107,12 @@ def evaluate_images(images: np.ndarray, prompts: Sequence[tuple[str, str]],
     res = shapes_eval.summarize([verdicts[r] for r in rows])
     if len(rows) >= 2:
       res["frechet_distance"] = distribution.frechet_distance_features(split_feats, real)
+      # The same statistic for as many real images of the split (not in the reference set):
+      # the floor a perfect model would reach at this sample count.
+      floor = scorer.features(np.stack([
+          shapes_data.example(split, REAL_FLOOR_OFFSET + i, scorer.image_size)["image"]
+          for i in range(len(rows))]))
+      res["frechet_distance_real"] = distribution.frechet_distance_features(floor, real)
       res["kid"] = distribution.kernel_distance(split_feats, real,
                                                 subset_size=min(kid_subset_size, len(rows)),
                                                 num_subsets=50)[0]
@@ -179,7 +186,7 @@ def hook_results(trainer_task, params, tokenizer, eval_cfg: ml_collections.Confi
     scalars[f"shapes_{split}/fully_correct"] = res["fully_correct"]
     for name, value in res["per_attribute"].items():
       scalars[f"shapes_{split}/{name}"] = value
-    for name in ("frechet_distance", "kid", "diversity"):
+    for name in ("frechet_distance", "frechet_distance_real", "kid", "diversity"):
       if name in res:
         scalars[f"shapes_{split}/{name}"] = res[name]
   for split in dict.fromkeys(s for s, _ in prompts):
@@ -192,8 +199,8 @@ def main_summary(results: Mapping[str, Any]) -> str:
   lines = []
   for split, res in results["splits"].items():
     per = ", ".join(f"{k} {v:.3f}" for k, v in res["per_attribute"].items())
-    extra = ", ".join(f"{k} {res[k]:.4g}" for k in ("frechet_distance", "kid", "diversity")
-                      if k in res)
+    extra = ", ".join(f"{k} {res[k]:.4g}" for k in ("frechet_distance", "frechet_distance_real",
+                                                     "kid", "diversity") if k in res)
     lines.append(f"{split}: fully correct {res['fully_correct']:.3f} ({per}); {extra}")
   return "\n".join(lines)
 

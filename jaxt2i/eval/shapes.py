@@ -209,13 +209,15 @@ class ShapesScorer:
 
   def predict(self, images) -> dict[str, np.ndarray]:
     """uint8 [N, H, W, 3] (resized to the evaluator's size if needed) -> per-cell outputs and
-    `features` [N, feature_dim], as numpy. Runs in fixed-size batches (one compilation)."""
+    `features` [N, feature_dim], as numpy."""
     images = self._prepare(images)
     n = images.shape[0]
+    # Batches padded to a power of two (at most batch_size): few distinct compilations.
+    size = min(self.batch_size, 1 << max(n - 1, 0).bit_length())
     outs = []
-    for start in range(0, n, self.batch_size):
-      chunk = images[start:start + self.batch_size]
-      pad = self.batch_size - chunk.shape[0] if n > self.batch_size else 0
+    for start in range(0, n, size):
+      chunk = images[start:start + size]
+      pad = size - chunk.shape[0]
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
       out = self._apply(self.params, chunk.astype(np.float32) / 255.0)

@@ -114,17 +114,20 @@ def restore_params(directory: epath.PathLike, abstract_params: Any, *, step: int
                    ema: bool = True, device: Any = None) -> Any:
   """The params (EMA params when stored and `ema`) of a checkpoint, onto one device, for
   inference; `abstract_params` gives the tree of shapes and dtypes."""
+  import os
+
   import jax
-  directory = epath.Path(directory)
+  directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
   if not directory.exists():
     raise CheckpointError(f"no checkpoints in {directory}")
-  manager = ocp.CheckpointManager(directory)
+  step = ocp.CheckpointManager(directory).latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f"no checkpoints in {directory}")
+  name = "ema_params" if ema and (directory / str(step) / "ema_params").exists() else "params"
+  # Only the one item gets a handler: the optimizer state and data iterator stay on disk.
+  manager = ocp.CheckpointManager(directory, item_names=(name,),
+                                  item_handlers={name: ocp.StandardCheckpointHandler()})
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"no checkpoints in {directory}")
-    stored = set(manager.item_metadata(step).keys())
-    name = "ema_params" if ema and "ema_params" in stored else "params"
     sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           abstract_params)
