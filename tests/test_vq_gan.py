@@ -80,7 +80,8 @@ def test_patch_discriminator_shape_and_receptive_field():
 
   def one_logit(x):
     return plain.apply({"params": plain_params}, x)[0, 7, 7, 0]
-  g = np.abs(np.asarray(jax.grad(one_logit)(jax.random.normal(jax.random.key(4), x.shape))))
+  g = np.abs(np.asarray(jax.jit(jax.grad(one_logit))(
+      jax.random.normal(jax.random.key(4), x.shape))))
   rows = np.flatnonzero(g.sum((0, 2, 3)) > 0)
   cols = np.flatnonzero(g.sum((0, 1, 3)) > 0)
   # The classic 70x70 PatchGAN.

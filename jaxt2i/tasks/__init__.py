@@ -3,3 +3,5 @@
 from jaxt2i.tasks import baseline  # noqa: F401
 from jaxt2i.tasks.base import TASKS, Task, get_task, register  # noqa: F401
 from jaxt2i.tasks import shapes_evaluator  # noqa: F401
+from jaxt2i.tasks import autoencoder  # noqa: F401
+from jaxt2i.tasks import ldm  # noqa: F401

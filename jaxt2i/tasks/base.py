@@ -33,6 +33,9 @@ class Task(abc.ABC):
   batch_keys: tuple[str, ...] = BATCH_KEYS
   uses_text: bool = True
   record_features: Callable[[Mapping[str, Any]], dict[str, np.ndarray]] | None = None
+  # Whether `loss` takes the (traced) optimizer step as `step=` (schedules inside the loss,
+  # e.g. when a GAN loss switches on).
+  needs_step: bool = False
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -49,6 +52,19 @@ class Task(abc.ABC):
     if unknown:
       raise ConfigError(f"unknown config field(s) {['model.' + k for k in unknown]} for task "
                         f"{self.name!r}; it knows {sorted('model.' + k for k in defaults)}")
+
+  # Top-level param subtrees the optimizer never updates (e.g. a frozen first stage).
+  frozen_keys: tuple[str, ...] = ()
+
+  def prepare(self, batch: Batch) -> None:
+    """Called once before the first init with a preprocessed (host) batch: derive config
+    fields from data or other runs. The config is written to the workdir afterwards."""
+    del batch
+
+  def initial_values(self) -> dict[str, PyTree] | None:
+    """Values (numpy) for top-level param subtrees that replace their random init in a fresh
+    run (not on resume), e.g. a pretrained, frozen component."""
+    return None
 
   def data_source(self, split: str) -> Sequence[Mapping[str, Any]] | None:
     """Records of `split` when the task makes its own data (e.g. generated on the fly);

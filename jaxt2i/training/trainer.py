@@ -13,6 +13,7 @@ and EMA untouched but still advance the step and consume their batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -199,8 +200,11 @@ class Trainer:
 
   # -- the step ---------------------------------------------------------------------------
 
-  def _grads(self, params, batch, rng):
-    grad_fn = jax.value_and_grad(self.task.loss, has_aux=True)
+  def _grads(self, params, batch, rng, step):
+    loss_fn = self.task.loss
+    if self.task.needs_step:
+      loss_fn = functools.partial(loss_fn, step=step)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     accum = self.config.train.grad_accum_steps
     if accum == 1:
       return grad_fn(params, batch, rng)
@@ -226,7 +230,7 @@ class Trainer:
   def _train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
     cfg = self.config.train
     rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), state.step)
-    (loss, aux), grads = self._grads(state.params, batch, rng)
+    (loss, aux), grads = self._grads(state.params, batch, rng, state.step)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if cfg.loss_spike_factor > 0:
@@ -234,6 +238,8 @@ class Trainer:
                & (loss > cfg.loss_spike_factor * state.loss_ema))
       ok &= ~spike
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    for key in self.task.frozen_keys:  # frozen subtrees: weight decay must not move them either
+      updates = {**updates, key: jax.tree.map(jnp.zeros_like, updates[key])}
     params = optax.apply_updates(state.params, updates)
 
     def keep_if_bad(new, old):
@@ -267,9 +273,35 @@ class Trainer:
     latest = self.checkpointer.latest_step()
     if latest is None:
       with self._sharding_context():
-        return self._init(jax.random.key(self.config.seed))
+        state = self._init(jax.random.key(self.config.seed))
+      return self._with_initial_values(state)
     logging.info("resuming from %s step %d", self.checkpointer.directory, latest)
     return self.checkpointer.restore(latest, self.abstract_state, self.state_shardings, data_iter)
+
+  def _with_initial_values(self, state: TrainState) -> TrainState:
+    """Replaces the task's pretrained subtrees (Task.initial_values) in a fresh state."""
+    values = self.task.initial_values()
+    if not values:
+      return state
+
+    def put(tree, key):
+      if key not in tree:
+        raise ValueError(f"Task.initial_values gave {key!r}, not a top-level param subtree "
+                         f"({sorted(tree)})")
+      target = tree[key]
+      try:
+        placed = jax.tree.map(lambda v, t: jax.device_put(np.asarray(v, t.dtype), t.sharding),
+                              values[key], target)
+      except ValueError as e:
+        raise ValueError(f"initial values of {key!r} do not match the model's params: {e}") from e
+      return {**tree, key: placed}
+
+    params, ema = state.params, state.ema_params
+    for key in values:
+      params = put(params, key)
+      if ema is not None:
+        ema = put(ema, key)
+    return state.replace(params=params, ema_params=ema)
 
   def _save(self, state, data_iter) -> None:
     self.checkpointer.save(state, data_iter, config_lib.to_json_dict(self.config))
@@ -281,9 +313,6 @@ class Trainer:
     position is then not checkpointed.
     """
     cfg = self.config
-    if jax.process_index() == 0:
-      self.workdir.mkdir(parents=True, exist_ok=True)
-      (self.workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     if batches is None:
       loader = self.make_loader(source=self._source)
       first_local = next(iter(loader))
@@ -294,6 +323,11 @@ class Trainer:
       data_iter = iter(batches)
       first_local = next(data_iter)
       data_iter = itertools.chain([first_local], data_iter)
+    self.task.prepare(first_local)
+    if jax.process_index() == 0:
+      # After `prepare`, which may fill derived fields (e.g. a latent scale).
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      (self.workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     self.build(_abstract_batch(first_local, cfg.batch_size, self.batch_sharding,
                                self.task.batch_keys))
     checkpointed_iter = data_iter if batches is None else None

@@ -1,0 +1,77 @@
+"""Latent diffusion on shapes-v1: a text-conditioned U-Net on the latents of a trained
+autoencoder (configs/autoencoder_shapes.py), with classifier-free guidance.
+
+Launch (after training the first stage into AE_DIR):
+  jaxt2i train --config configs/ldm_shapes.py:demo --workdir workdirs/ldm \\
+      --config.model.autoencoder_workdir=AE_DIR
+Variants (`:NAME`):
+  tiny       CPU smoke test: shapes_v1/tiny (32 px), a few steps, small widths.
+  demo       shapes_v1/64, short (the `make demo` second stage).
+  reference  shapes_v1/64, the recipe for a good model.
+Override any field: --config.model.prediction_type=v_prediction --config.model.sampler=dpmpp_2m
+"""
+
+from jaxt2i.tasks.ldm import LatentDiffusionTask
+from jaxt2i.training.config import trainer_defaults
+
+
+def get_config(arg: str | None = None):
+  variant = arg or "reference"
+  config = trainer_defaults()
+  config.task = "latent_diffusion"
+  config.model = LatentDiffusionTask.default_model_config()
+  config.data.name = "shapes_v1/64"
+  config.data.image_size = 64
+  config.data.max_caption_length = 16  # the longest shapes-v1 caption is 12 words + EOS
+  config.data.vocab_size = 64
+  config.data.worker_count = 1
+  config.batch_size = 32
+  config.train.ema_decay = 0.999
+  config.train.log_every = 100
+  config.train.eval_every = 2000
+  config.eval.shapes_prompts = 16
+  config.eval.samples_per_prompt = 2
+  config.optim.learning_rate = 3e-4
+  config.optim.warmup_steps = 500
+  config.optim.weight_decay = 0.0
+  config.checkpoint.every_steps = 1000
+  config.model.text_width = 128
+  config.model.text_depth = 2
+  config.model.block_out_channels = (64, 128, 128)
+  config.model.norm_num_groups = 16
+  config.model.num_sampling_steps = 25
+
+  if variant == "reference":
+    config.train.num_steps = 30000
+    config.model.loss_weighting = "min_snr"
+  elif variant == "demo":
+    config.train.num_steps = 3000
+    config.train.eval_every = 1000
+    config.model.block_out_channels = (32, 64, 64)
+    config.model.layers_per_block = 1
+  elif variant == "tiny":
+    config.data.name = "shapes_v1/tiny"
+    config.data.image_size = 32
+    config.data.worker_count = 0
+    config.batch_size = 8
+    config.model.text_width = 32
+    config.model.text_depth = 1
+    config.model.text_heads = 2
+    config.model.block_out_channels = (16, 32)
+    config.model.down_block_types = ("CrossAttnDownBlock2D", "DownBlock2D")
+    config.model.up_block_types = ("UpBlock2D", "CrossAttnUpBlock2D")
+    config.model.layers_per_block = 1
+    config.model.attention_head_dim = 2
+    config.model.norm_num_groups = 8
+    config.model.num_sampling_steps = 4
+    config.train.num_steps = 4
+    config.train.log_every = 1
+    config.train.eval_every = 0
+    config.eval.shapes_prompts = 0
+    config.train.ema_decay = 0.9
+    config.optim.warmup_steps = 1
+    config.checkpoint.every_steps = 100
+  else:
+    raise ValueError(f"unknown variant {arg!r} for configs/ldm_shapes.py; use tiny, demo or "
+                     "reference")
+  return config

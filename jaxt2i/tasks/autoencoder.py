@@ -1,0 +1,161 @@
+"""Task: the first stage of latent diffusion, a KL or VQ autoencoder trained with a PatchGAN.
+
+Loss (Esser et al. 2021, eq. 5-7; Rombach et al. 2022, appendix G), all terms per image
+element so the weights mean what SD's do:
+
+    L = |x - x_hat|_1 + kl_weight * KL (or the VQ codebook + commitment loss)
+        + on(step >= disc_start) * (lambda * disc_weight * -D(x_hat) + hinge(D(x), D(x_hat)))
+
+lambda is the adaptive weight: the ratio of the gradient norms of the reconstruction and
+adversarial terms at the decoder's last layer. Generator and discriminator share one optimizer
+step: each term only reaches its own half of the params (the discriminator is held constant
+in the generator term, the reconstruction in the discriminator term), which is what the
+usual alternating updates compute, without a second optimizer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxt2i.models.autoencoder import Autoencoder, kl_divergence
+from jaxt2i.models.discriminator import (PatchDiscriminator, adaptive_weight, generator_loss,
+                                         hinge_d_loss)
+from jaxt2i.tasks.base import Batch, PyTree, Task, register
+from jaxt2i.training.config import ConfigError
+
+
+def psnr(x: jax.Array, y: jax.Array, value_range: tuple[float, float]) -> jax.Array:
+  """Mean PSNR (dB) over the batch, for images in `value_range`."""
+  low, high = value_range
+  mse = jnp.mean(jnp.square((x - y) / (high - low)), axis=(1, 2, 3))
+  return jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))
+
+
+@register
+class AutoencoderTask(Task):
+  name = "autoencoder"
+  batch_keys = ("image",)
+  uses_text = False
+  needs_step = True
+
+  @classmethod
+  def default_model_config(cls) -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.kind = "kl"                    # kl | vq
+    m.latent_channels = 4
+    m.block_out_channels = (64, 128, 128)  # levels; downsampling factor 2^(levels - 1)
+    m.layers_per_block = 1
+    m.norm_groups = 16
+    m.mid_attention = True
+    m.num_codes = 1024               # vq: codebook size
+    m.vq_beta = 0.25                 # vq: commitment weight
+    m.vq_l2_normalize = True         # vq: codes on the unit sphere (better codebook usage)
+    m.kl_weight = 1e-6               # kl: weight of the KL term (SD's value)
+    m.disc_weight = 0.5              # 0 = no adversarial loss (and no discriminator)
+    m.disc_start = 2000              # step at which the adversarial terms switch on
+    m.disc_channels = 64
+    m.disc_layers = 2
+    m.perceptual_weights = ""        # LPIPS weights file; not supported yet (must be '')
+    return m
+
+  def validate(self) -> None:
+    super().validate()
+    m = self.config.model
+    if m.kind not in ("kl", "vq"):
+      raise ConfigError(f"config.model.kind={m.kind!r}: choose 'kl' or 'vq'")
+    if m.perceptual_weights:
+      raise ConfigError("config.model.perceptual_weights: the LPIPS term is not implemented "
+                        "yet; leave it ''")
+    factor = 2 ** (len(m.block_out_channels) - 1)
+    if self.config.data.image_size % factor:
+      raise ConfigError(f"config.data.image_size={self.config.data.image_size} is not "
+                        f"divisible by the downsampling factor {factor}")
+    for c in m.block_out_channels:
+      if c % m.norm_groups:
+        raise ConfigError(f"config.model.block_out_channels={tuple(m.block_out_channels)}: "
+                          f"each must be divisible by norm_groups={m.norm_groups}")
+
+  @property
+  def model(self) -> Autoencoder:
+    m = self.config.model
+    return Autoencoder(kind=m.kind, latent_channels=m.latent_channels,
+                       block_out_channels=tuple(m.block_out_channels),
+                       layers_per_block=m.layers_per_block, groups=m.norm_groups,
+                       mid_attention=m.mid_attention, num_codes=m.num_codes,
+                       vq_beta=m.vq_beta, vq_l2_normalize=m.vq_l2_normalize,
+                       dtype=self.compute_dtype)
+
+  @property
+  def discriminator(self) -> PatchDiscriminator:
+    m = self.config.model
+    return PatchDiscriminator(base_channels=m.disc_channels, num_layers=m.disc_layers,
+                              num_groups=m.norm_groups, dtype=self.compute_dtype)
+
+  def init(self, rng: jax.Array, batch: Batch) -> PyTree:
+    r1, r2 = jax.random.split(rng)
+    params = {"autoencoder": self.model.init(r1, batch["image"])["params"]}
+    if self.config.model.disc_weight > 0:
+      params["discriminator"] = self.discriminator.init(r2, batch["image"])["params"]
+    return params
+
+  def reconstruct(self, params: PyTree, images: jax.Array, rng: jax.Array | None = None):
+    return self.model.apply({"params": params["autoencoder"]}, images, rng)
+
+  def loss(self, params: PyTree, batch: Batch, rng: jax.Array, step: jax.Array
+           ) -> tuple[jax.Array, dict]:
+    m = self.config.model
+    x = batch["image"]
+    ae = params["autoencoder"]
+    recon, features, post = self.model.apply({"params": ae}, x, rng, return_features=True)
+    recon = recon.astype(jnp.float32)
+    rec = jnp.mean(jnp.abs(x - recon))
+    elements = x[0].size
+    metrics = {"l1": rec, "psnr": psnr(recon, x, tuple(self.config.data.value_range))}
+    if m.kind == "kl":
+      kl = jnp.mean(kl_divergence(post["mean"], post["logvar"])) / elements
+      loss = rec + m.kl_weight * kl
+      metrics["kl"] = kl
+    else:
+      loss = rec + post["loss"]
+      metrics.update(vq_loss=post["loss"], perplexity=post["perplexity"], usage=post["usage"])
+    if m.disc_weight > 0:
+      on = (step >= m.disc_start).astype(jnp.float32)
+      disc = params["discriminator"]
+      frozen_disc = jax.lax.stop_gradient(disc)
+      kernel = ae["decoder"]["conv_out"]["kernel"]
+      bias = ae["decoder"]["conv_out"]["bias"]
+      feats = jax.lax.stop_gradient(features)
+
+      def out_from_kernel(w):
+        y = jax.lax.conv_general_dilated(feats.astype(jnp.float32), w, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias
+
+      def g_of(images):
+        return generator_loss(self.discriminator.apply({"params": frozen_disc}, images))
+      g = g_of(recon)
+      grad_rec = jax.grad(lambda w: jnp.mean(jnp.abs(x - out_from_kernel(w))))(kernel)
+      grad_gan = jax.grad(lambda w: g_of(out_from_kernel(w)))(kernel)
+      weight = m.disc_weight * adaptive_weight(jnp.linalg.norm(grad_rec),
+                                               jnp.linalg.norm(grad_gan))
+      logits_real = self.discriminator.apply({"params": disc}, x)
+      logits_fake = self.discriminator.apply({"params": disc}, jax.lax.stop_gradient(recon))
+      d_loss = hinge_d_loss(logits_real, logits_fake)
+      loss = loss + on * (weight * g + d_loss)
+      metrics.update(g_loss=g, d_loss=d_loss, d_weight=weight, disc_on=on,
+                     logits_real=jnp.mean(logits_real), logits_fake=jnp.mean(logits_fake))
+    return loss, metrics
+
+  def evaluate(self, params: PyTree, batch: Batch, rng: jax.Array) -> dict[str, jax.Array]:
+    del rng
+    x = batch["image"]
+    recon, _ = self.reconstruct(params, x)  # the posterior mean: deterministic
+    recon = recon.astype(jnp.float32)
+    low, high = self.config.data.value_range
+
+    def to_uint8(v):
+      return jnp.clip((v[:8] - low) / (high - low) * 255 + 0.5, 0, 255).astype(jnp.uint8)
+    return {"psnr": psnr(recon, x, (low, high)), "l1": jnp.mean(jnp.abs(recon - x)),
+            "reconstructions": to_uint8(recon), "originals": to_uint8(x)}

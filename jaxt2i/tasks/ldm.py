@@ -1,0 +1,288 @@
+"""Task: latent diffusion (Rombach et al. 2022): a text-conditioned U-Net denoising the latents
+of a frozen, separately trained autoencoder.
+
+    image -> frozen encoder -> latents * scale -> add noise at t ~ U{0..T-1}
+    caption -> text encoder (trained jointly; dropped to the empty caption with probability
+               caption_dropout, for classifier-free guidance) -> per-token states
+    U-Net(x_t, t, states) -> eps / x0 / v; loss = weight(t) * ||output - target||^2
+
+The autoencoder's params are copied from its run (model.autoencoder_workdir) into this run's
+state under "autoencoder" and never updated (Task.frozen_keys), so a workdir is self-contained:
+`jaxt2i eval` and the sampling API need nothing but it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from jaxt2i.diffusion import samplers, schedules
+from jaxt2i.models.autoencoder import Autoencoder
+from jaxt2i.models.text_encoder import TextEncoder
+from jaxt2i.models.unet import UNet
+from jaxt2i.tasks.base import Batch, PyTree, Task, register
+from jaxt2i.training.config import ConfigError
+
+# Autoencoder model fields read from its run's config.json.
+_AE_FIELDS = ("kind", "latent_channels", "block_out_channels", "layers_per_block", "norm_groups",
+              "mid_attention", "num_codes", "vq_beta", "vq_l2_normalize")
+
+
+def autoencoder_from_config(model_cfg: Any, dtype: Any = jnp.float32) -> Autoencoder:
+  m = model_cfg
+  return Autoencoder(kind=m["kind"], latent_channels=m["latent_channels"],
+                     block_out_channels=tuple(m["block_out_channels"]),
+                     layers_per_block=m["layers_per_block"], groups=m["norm_groups"],
+                     mid_attention=m["mid_attention"], num_codes=m["num_codes"],
+                     vq_beta=m["vq_beta"], vq_l2_normalize=m["vq_l2_normalize"], dtype=dtype)
+
+
+@register
+class LatentDiffusionTask(Task):
+  name = "latent_diffusion"
+
+  @classmethod
+  def default_model_config(cls) -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.autoencoder_workdir = ""       # the trained first stage (configs/autoencoder_shapes.py)
+    m.autoencoder = ml_collections.ConfigDict()  # its model fields, copied from that run
+    m.latent_scale = 0.0             # latents are multiplied by this; 0 = 1/std measured at start
+    # Text encoder.
+    m.text_width = 256
+    m.text_depth = 4
+    m.text_heads = 4
+    m.text_trainable = True          # False keeps the text encoder at its initial weights
+    # U-Net.
+    m.block_out_channels = (64, 128, 256)
+    m.layers_per_block = 2
+    m.down_block_types = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    m.up_block_types = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    m.attention_head_dim = 8         # heads per attention, as SD 1.x configs say it
+    m.transformer_layers_per_block = 1
+    m.use_linear_projection = True
+    m.norm_num_groups = 32
+    m.attention_implementation = "auto"
+    # Diffusion.
+    m.schedule = "scaled_linear"     # linear | scaled_linear | cosine
+    m.num_train_timesteps = 1000
+    m.beta_start = 0.00085
+    m.beta_end = 0.012
+    m.prediction_type = "epsilon"    # epsilon | sample | v_prediction
+    m.rescale_zero_terminal_snr = False
+    m.loss_weighting = "uniform"     # uniform | min_snr
+    m.snr_gamma = 5.0
+    m.caption_dropout = 0.1          # classifier-free guidance training
+    # Sampling defaults (the eval hook, `jaxt2i eval`, the pipeline).
+    m.sampler = "ddim"               # ddim | ddpm | dpmpp_2m
+    m.num_sampling_steps = 50
+    m.guidance_scale = 5.0
+    return m
+
+  def validate(self) -> None:
+    super().validate()
+    m = self.config.model
+    if not m.autoencoder_workdir and not m.autoencoder:
+      raise ConfigError("config.model.autoencoder_workdir is empty: train the first stage "
+                        "(configs/autoencoder_shapes.py) and point this at its workdir")
+    if not 0.0 <= m.caption_dropout < 1.0:
+      raise ConfigError(f"config.model.caption_dropout={m.caption_dropout}: must be in [0, 1)")
+    if m.sampler not in samplers.SAMPLERS:
+      raise ConfigError(f"config.model.sampler={m.sampler!r}: choose one of "
+                        f"{list(samplers.SAMPLERS)}")
+    if len(m.down_block_types) != len(m.block_out_channels) or len(m.up_block_types) != len(
+        m.block_out_channels):
+      raise ConfigError("config.model.down_block_types / up_block_types need one entry per "
+                        f"block_out_channels entry ({len(m.block_out_channels)})")
+    self.schedule  # unknown schedule / prediction type raise here  # noqa: B018
+
+  # -- the frozen first stage ------------------------------------------------------------------
+
+  @property
+  def frozen_keys(self) -> tuple[str, ...]:
+    return ("autoencoder",) if self.config.model.text_trainable else ("autoencoder",
+                                                                      "text_encoder")
+
+  def _autoencoder_run(self) -> tuple[dict, Any]:
+    """(model fields, float32 numpy params) of the first stage, read once."""
+    if getattr(self, "_ae_cache", None) is None:
+      from jaxt2i.eval.runner import load_run
+      workdir = epath.Path(self.config.model.autoencoder_workdir)
+      config, task, params = load_run(workdir, ema=False)
+      if config.task != "autoencoder":
+        raise ConfigError(f"config.model.autoencoder_workdir={workdir} is a {config.task!r} "
+                          "run, not an autoencoder")
+      fields = {k: config.model[k] for k in _AE_FIELDS}
+      self._ae_cache = (fields, jax.tree.map(np.asarray, jax.device_get(params["autoencoder"])))
+      with self.config.unlocked():
+        self.config.model.autoencoder = ml_collections.ConfigDict(fields)
+    return self._ae_cache
+
+  @property
+  def autoencoder(self) -> Autoencoder:
+    m = self.config.model
+    fields = m.autoencoder.to_dict() if m.autoencoder else self._autoencoder_run()[0]
+    return autoencoder_from_config(fields, self.compute_dtype)
+
+  def prepare(self, batch: Batch) -> None:
+    """Before the first init: read the autoencoder run and measure the latent scale on a
+    (preprocessed) batch: the SD recipe, 1 / std of the latents, so the diffusion sees unit
+    variance."""
+    _, ae_params = self._autoencoder_run()
+    if self.config.model.latent_scale:
+      return
+    moments = jax.jit(lambda p, x: self.autoencoder.apply({"params": p}, x, method="encode"))(
+        ae_params, np.asarray(batch["image"], np.float32))
+    latents = moments["mean"] if "mean" in moments else moments["latents"]
+    std = float(np.std(np.asarray(latents)))
+    with self.config.unlocked():
+      self.config.model.latent_scale = 1.0 / max(std, 1e-6)
+    logging.info("latent scale 1/std = %.5f (from %d images)", self.config.model.latent_scale,
+                 len(batch["image"]))
+
+  def initial_values(self) -> dict[str, PyTree]:
+    """The trained first stage, replacing its random init in a fresh run."""
+    return {"autoencoder": self._autoencoder_run()[1]}
+
+  # -- modules ---------------------------------------------------------------------------------
+
+  @property
+  def schedule(self) -> schedules.Schedule:
+    m = self.config.model
+    return schedules.make_schedule(m.schedule, m.num_train_timesteps, m.beta_start, m.beta_end,
+                                   prediction_type=m.prediction_type,
+                                   rescale_zero_terminal_snr=m.rescale_zero_terminal_snr)
+
+  @property
+  def text_encoder(self) -> TextEncoder:
+    m = self.config.model
+    return TextEncoder(vocab_size=self.config.data.vocab_size,
+                       max_length=self.config.data.max_caption_length, width=m.text_width,
+                       depth=m.text_depth, num_heads=m.text_heads,
+                       attention_implementation=m.attention_implementation,
+                       dtype=self.compute_dtype)
+
+  @property
+  def unet(self) -> UNet:
+    m = self.config.model
+    latent = self.autoencoder.latent_channels
+    return UNet(in_channels=latent, out_channels=latent,
+                block_out_channels=tuple(m.block_out_channels),
+                layers_per_block=m.layers_per_block, down_block_types=tuple(m.down_block_types),
+                up_block_types=tuple(m.up_block_types), attention_head_dim=m.attention_head_dim,
+                cross_attention_dim=m.text_width, use_linear_projection=m.use_linear_projection,
+                transformer_layers_per_block=m.transformer_layers_per_block,
+                norm_num_groups=m.norm_num_groups,
+                attention_implementation=m.attention_implementation, dtype=self.compute_dtype)
+
+  def latent_shape(self, image_size: int | None = None) -> tuple[int, int, int]:
+    size = (image_size or self.config.data.image_size) // self.autoencoder.downsample_factor
+    return size, size, self.autoencoder.latent_channels
+
+  def init(self, rng: jax.Array, batch: Batch) -> PyTree:
+    r1, r2, r3 = jax.random.split(rng, 3)
+    text = self.text_encoder.init(r1, batch["tokens"], batch["tokens_mask"])["params"]
+    b = batch["tokens"].shape[0]
+    latents = jnp.zeros((b,) + self.latent_shape(), jnp.float32)
+    context = jnp.zeros((b, batch["tokens"].shape[1], self.config.model.text_width))
+    unet = self.unet.init(r2, latents, jnp.zeros((b,), jnp.int32), context)["params"]
+    # Replaced by the trained first stage in a fresh run (initial_values), then frozen.
+    size = self.config.data.image_size
+    ae = self.autoencoder.init(r3, jnp.zeros((1, size, size, 3)))["params"]
+    return {"unet": unet, "text_encoder": text, "autoencoder": ae}
+
+  # -- training --------------------------------------------------------------------------------
+
+  def encode_text(self, params: PyTree, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    states, _ = self.text_encoder.apply({"params": params["text_encoder"]}, tokens, mask)
+    return states
+
+  def encode_images(self, params: PyTree, images: jax.Array, rng: jax.Array | None) -> jax.Array:
+    ae = jax.lax.stop_gradient(params["autoencoder"])
+    moments = self.autoencoder.apply({"params": ae}, images, method="encode")
+    if "mean" in moments:
+      latents = moments["mean"]
+      if rng is not None:
+        latents = latents + jnp.exp(0.5 * moments["logvar"]) * jax.random.normal(
+            rng, latents.shape)
+    else:
+      latents = moments["latents"]
+    return jax.lax.stop_gradient(latents * self.config.model.latent_scale)
+
+  def decode_latents(self, params: PyTree, latents: jax.Array) -> jax.Array:
+    """Latents (scaled) -> uint8 images."""
+    images = self.autoencoder.apply({"params": params["autoencoder"]},
+                                    latents / self.config.model.latent_scale, method="decode")
+    low, high = self.config.data.value_range
+    images = (images.astype(jnp.float32) - low) / (high - low)
+    return jnp.clip(images * 255.0 + 0.5, 0, 255).astype(jnp.uint8)
+
+  def loss(self, params: PyTree, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
+    m, schedule = self.config.model, self.schedule
+    r_lat, r_t, r_noise, r_drop = jax.random.split(rng, 4)
+    x0 = self.encode_images(params, batch["image"], r_lat)
+    b = x0.shape[0]
+    t = jax.random.randint(r_t, (b,), 0, m.num_train_timesteps)
+    noise = jax.random.normal(r_noise, x0.shape)
+    x_t = schedules.add_noise(schedule, x0, noise, t)
+    keep = jax.random.uniform(r_drop, (b, 1)) >= m.caption_dropout
+    tokens = jnp.where(keep, batch["tokens"], 0)
+    mask = jnp.where(keep, batch["tokens_mask"], 0)
+    text_params = params if m.text_trainable else jax.lax.stop_gradient(params)
+    context = self.encode_text(text_params, tokens, mask)
+    out = self.unet.apply({"params": params["unet"]}, x_t, t, context).astype(jnp.float32)
+    target = schedules.training_target(schedule, x0, noise, t)
+    per_example = jnp.mean(jnp.square(out - target), axis=(1, 2, 3))
+    weight = schedules.loss_weight(schedule, t, m.loss_weighting, m.snr_gamma)
+    loss = jnp.mean(weight * per_example)
+    return loss, {"mse": jnp.mean(per_example), "latent_std": jnp.std(x0)}
+
+  # -- sampling --------------------------------------------------------------------------------
+
+  def generate(self, params: PyTree, tokens: jax.Array, mask: jax.Array, rng: jax.Array, *,
+               guidance_scale: Any = None, num_steps: Any = None, sampler: str | None = None,
+               eta: Any = 0.0, negative_tokens: jax.Array | None = None,
+               negative_mask: jax.Array | None = None, latents: jax.Array | None = None,
+               guidance_rescale: Any = 0.0) -> jax.Array:
+    """uint8 images [B, H, W, 3] for token batches; every numeric argument may be traced.
+
+    The unconditional branch is the empty caption (all padding) unless negative tokens are
+    given; both halves run in one U-Net call per step.
+    """
+    m = self.config.model
+    guidance_scale = m.guidance_scale if guidance_scale is None else guidance_scale
+    num_steps = m.num_sampling_steps if num_steps is None else num_steps
+    sampler = sampler or m.sampler
+    b = tokens.shape[0]
+    r_init, r_loop = jax.random.split(rng)
+    if latents is None:
+      latents = jax.random.normal(r_init, (b,) + self.latent_shape())
+    if negative_tokens is None:
+      negative_tokens, negative_mask = jnp.zeros_like(tokens), jnp.zeros_like(mask)
+    context = self.encode_text(params, jnp.concatenate([negative_tokens, tokens]),
+                               jnp.concatenate([negative_mask, mask]))
+
+    def both(x, t):
+      return self.unet.apply({"params": params["unet"]}, x, t, context).astype(jnp.float32)
+
+    denoise = samplers.guided(both, guidance_scale, guidance_rescale)
+    out = samplers.sample(denoise, self.schedule, latents, r_loop, sampler=sampler,
+                          num_steps=num_steps, eta=eta if sampler == "ddim" else 0.0)
+    return self.decode_latents(params, out)
+
+  def sample(self, params: PyTree, batch: Batch, rng: jax.Array) -> jax.Array:
+    return self.generate(params, batch["tokens"], batch["tokens_mask"], rng)
+
+  def evaluate(self, params: PyTree, batch: Batch, rng: jax.Array) -> dict[str, jax.Array]:
+    loss, metrics = self.loss(params, batch, rng)
+    images = self.generate(params, batch["tokens"][:8], batch["tokens_mask"][:8], rng,
+                           num_steps=min(20, self.config.model.num_sampling_steps))
+    low, high = self.config.data.value_range
+    reference = jnp.clip((batch["image"][:8] - low) / (high - low) * 255 + 0.5, 0,
+                         255).astype(jnp.uint8)
+    return {"loss": loss, **metrics, "samples": images, "reference": reference}

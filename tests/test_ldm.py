@@ -1,0 +1,133 @@
+"""Latent diffusion end to end at tiny sizes: frozen first stage, training, guided sampling."""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import REPO, read_item, records, tokenizer_path
+from jaxt2i.data.tokenizer import Tokenizer
+from jaxt2i.eval import runner
+from jaxt2i.tasks.base import get_task
+from jaxt2i.training.config import ConfigError
+from jaxt2i.training.trainer import Trainer
+
+sys.path.insert(0, str(REPO))
+from configs.autoencoder_shapes import get_config as ae_config  # noqa: E402
+from configs.ldm_shapes import get_config as ldm_config  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _set(config, **overrides):
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def _train(config, workdir, **kwargs):
+  # One device: these tests are about the model family, and compile much faster unpartitioned
+  # (the trainer's multi-device paths are tested on every strategy in test_trainer.py).
+  trainer = Trainer(config, workdir, devices=jax.devices()[:1], **kwargs)
+  try:
+    state = trainer.train()
+  finally:
+    trainer.writer.close()
+    trainer.checkpointer.close()
+  return trainer, state
+
+
+@pytest.fixture(scope="module")
+def ae_dir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("ae")
+  _train(_set(ae_config("tiny"), **{"model.disc_weight": 0.0}), workdir,
+         source=records(64, 32))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  return Tokenizer.load(str(tokenizer_path(tmp_path_factory.mktemp("tok"))))
+
+
+def tiny_ldm(ae_dir, tok, **overrides):
+  return _set(ldm_config("tiny"), **{"model.autoencoder_workdir": str(ae_dir),
+                                     "data.tokenizer": tok.path, "data.max_caption_length": 20,
+                                     **overrides})
+
+
+def test_needs_a_first_stage():
+  config = ldm_config("tiny")
+  with pytest.raises(ConfigError, match="autoencoder_workdir is empty"):
+    get_task(config)
+
+
+@pytest.mark.slow  # ~2 min on 2 cores, mostly compiling the U-Net, autoencoder and sampler
+def test_trains_with_the_first_stage_frozen(tmp_path, ae_dir, tok):
+  config = tiny_ldm(ae_dir, tok)
+  trainer, state = _train(config, tmp_path, source=records(64, 32), tokenizer=tok)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["model"]["latent_scale"] > 0
+  assert saved["model"]["autoencoder"]["latent_channels"] == 4
+  ae_params = read_item(ae_dir, "params")[1]["autoencoder"]
+  ldm_params = read_item(tmp_path, "params")[1]
+  flat_ae, flat_ldm = (jax.tree_util.tree_leaves_with_path(t) for t in (
+      ae_params, ldm_params["autoencoder"]))
+  for (path, a), (_, b) in zip(flat_ae, flat_ldm):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert all(np.isfinite(l["train/loss"]) for l in lines if "train/loss" in l)
+
+  # Sampling: uint8 images, the same seed gives the same images.
+  task = trainer.task
+  params = jax.device_get(state.ema_params)
+  captions = [r["caption"] for r in records(4, 32)]
+  a = runner.generate_images(task, params, tok, captions, seed=3)
+  b = runner.generate_images(task, params, tok, captions, seed=3)
+  c = runner.generate_images(task, params, tok, captions, seed=4)
+  assert a.shape == (4, 32, 32, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+
+
+def test_sampling_arguments_do_not_recompile(ae_dir, tok):
+  task = get_task(tiny_ldm(ae_dir, tok, **{"model.latent_scale": 1.0}))
+  size = task.config.data.image_size
+  batch = {"image": jnp.zeros((1, size, size, 3)), "tokens": jnp.zeros((1, 20), jnp.int32),
+           "tokens_mask": jnp.ones((1, 20), jnp.int32)}
+  from jaxt2i.parallel import partitioning
+  params = partitioning.unbox(task.init(jax.random.key(0), batch))
+  traces = []
+
+  @jax.jit
+  def generate(params, tokens, mask, rng, scale, steps):
+    traces.append(1)
+    return task.generate(params, tokens, mask, rng, guidance_scale=scale, num_steps=steps)
+
+  tokens, mask = tok.encode(["a small red circle in the center"] * 2, 20)
+  for seed, scale, steps in ((0, 5.0, 3), (1, 2.0, 5), (2, 1.0, 2)):
+    out = generate(params, tokens, mask, jax.random.key(seed), scale, steps)
+    assert out.shape == (2, size, size, 3)
+  assert len(traces) == 1
+
+
+@pytest.mark.slow  # ~2 min on 2 cores
+@pytest.mark.timeout(300)
+def test_tiny_ldm_overfits_four_images(tmp_path, ae_dir, tok):
+  """The denoising loss on 4 captioned images falls well below its starting value."""
+  four = records(4, 32)
+  config = tiny_ldm(ae_dir, tok, **{
+      "train.num_steps": 300, "batch_size": 4, "train.log_every": 25,
+      "optim.learning_rate": 2e-3, "optim.warmup_steps": 20, "model.caption_dropout": 0.0,
+      "checkpoint.every_steps": 1000, "train.ema_decay": 0.0})
+  _train(config, tmp_path, source=list(four) * 2, tokenizer=tok)
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  losses = [l["train/loss"] for l in lines if "train/loss" in l]
+  assert losses[-1] < 0.5 * losses[0], losses
