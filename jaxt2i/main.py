@@ -8,6 +8,7 @@
   jaxt2i eval shapes --images DIR_OR_NPZ --captions FILE [--out report.json]
   jaxt2i eval train-evaluator [--image_size 64] [--force]
   jaxt2i eval fid --images A --reference B --inception_weights FILE
+  jaxt2i sample --workdir DIR --prompt "..." [--prompt ...] [--out grid.png]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ commands:
                jaxt2i data build shapes --variant 64          (shapes-v1, the built-in benchmark)
                jaxt2i data build folder --path DIR --dataset_name NAME   (your image+caption files)
                jaxt2i data tokenizer --dataset shapes_v1/64 --vocab_size 64
+  sample     images from a trained run:  jaxt2i sample --workdir DIR --prompt "a red circle ..."
   eval       sample a run and score it on shapes-v1 (eval.json + index.html in the workdir):
                jaxt2i eval --workdir DIR
              score your own images:  jaxt2i eval shapes --images DIR --captions captions.txt
@@ -228,7 +230,39 @@ def _eval(argv: list[str]) -> None:
     sys.exit(f"jaxt2i eval{'' if action == 'run' else ' ' + action}: {e}")
 
 
-COMMANDS = {"train": _train, "data": _data, "eval": _eval}
+def _sample(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(prog="jaxt2i sample",
+                                   description="Sample a trained run and save a grid (one row "
+                                   "per prompt).")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--prompt", action="append", required=True,
+                      help="repeat for several prompts; '' is the unconditional prompt")
+  parser.add_argument("--out", default="samples.png")
+  parser.add_argument("--num_images", type=int, default=4, help="images per prompt")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--steps", type=int, default=None)
+  parser.add_argument("--guidance_scale", type=float, default=None)
+  parser.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpmpp_2m"])
+  parser.add_argument("--negative_prompt", default=None)
+  parser.add_argument("--verbose", action="store_true")
+  args = parser.parse_args(argv)
+  _quiet_logs(args.verbose)
+  try:
+    from PIL import Image
+
+    import jaxt2i
+    from jaxt2i.training.metrics import image_grid
+    pipe = jaxt2i.load(args.workdir)
+    images = pipe(args.prompt, num_images_per_prompt=args.num_images, seed=args.seed,
+                  steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
+                  negative_prompt=args.negative_prompt, output="np")
+    Image.fromarray(image_grid(images, columns=args.num_images)).save(args.out)
+    print(f"{len(images)} images -> {args.out}")
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"jaxt2i sample: {e}")
+
+
+COMMANDS = {"train": _train, "data": _data, "eval": _eval, "sample": _sample}
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -69,10 +69,16 @@ def test_needs_a_first_stage():
     get_task(config)
 
 
+@pytest.fixture(scope="module")
+def ldm_run(tmp_path_factory, ae_dir, tok):
+  workdir = tmp_path_factory.mktemp("ldm")
+  trainer, state = _train(tiny_ldm(ae_dir, tok), workdir, source=records(64, 32), tokenizer=tok)
+  return workdir, trainer, state
+
+
 @pytest.mark.slow  # ~2 min on 2 cores, mostly compiling the U-Net, autoencoder and sampler
-def test_trains_with_the_first_stage_frozen(tmp_path, ae_dir, tok):
-  config = tiny_ldm(ae_dir, tok)
-  trainer, state = _train(config, tmp_path, source=records(64, 32), tokenizer=tok)
+def test_trains_with_the_first_stage_frozen(ldm_run, ae_dir, tok):
+  tmp_path, trainer, state = ldm_run
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["model"]["latent_scale"] > 0
   assert saved["model"]["autoencoder"]["latent_channels"] == 4
@@ -131,3 +137,27 @@ def test_tiny_ldm_overfits_four_images(tmp_path, ae_dir, tok):
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   losses = [l["train/loss"] for l in lines if "train/loss" in l]
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_pipeline_on_a_latent_diffusion_run(ldm_run):
+  import jaxt2i
+  workdir, trainer, _ = ldm_run
+  pipe = jaxt2i.load(workdir)
+  prompt = "a small red circle in the center"
+  a = pipe([prompt], num_images_per_prompt=2, seed=0, steps=3, output="np")
+  b = pipe([prompt], num_images_per_prompt=2, seed=0, steps=3, output="np")
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a[0], a[1])  # two samples of one prompt differ
+  # Seeds, guidance, steps, eta and negative prompts are traced: still one compilation.
+  pipe([prompt], num_images_per_prompt=2, seed=5, steps=4, guidance_scale=2.0, eta=0.5,
+       negative_prompt="a large blue square at the bottom", output="np")
+  assert pipe.num_compilations == 1
+  # The initial noise can be given, NHWC like diffusers' `latents`.
+  shape = (2,) + trainer.task.latent_shape()
+  noise = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+  c = pipe([prompt], num_images_per_prompt=2, latents=noise, steps=3, output="np")
+  d = pipe([prompt], num_images_per_prompt=2, latents=noise, seed=9, steps=3, output="np")
+  np.testing.assert_array_equal(c, d)  # DDIM with eta 0: the latents decide everything
+  with pytest.raises(ValueError, match="latents has 3 rows"):
+    pipe([prompt], num_images_per_prompt=2, latents=np.zeros((3,) + shape[1:]), steps=3)
