@@ -3,15 +3,16 @@
 `dot_product_attention` is scaled dot-product attention (Vaswani et al., 2017, Sec. 3.2.1):
 softmax(Q K^T / sqrt(D)) V, with one layout for every model and a choice of backend:
 
-  einsum  for CPUs: heads-first einsums ([B, H, L, D], batch dimensions leading) computed a
-          few (batch, head) pairs, or for long sequences a block of queries, at a time, so
-          that a step's [Lq, Lk] logits stay in cache: XLA:CPU fuses neither the two matmuls
-          nor the softmax, and each pass over the full logits would stream through DRAM. Its
-          gradient is written out flash-attention style (Dao et al., 2022, Alg. 2 without the
-          online softmax): only the logsumexp is kept and the probabilities are recomputed
-          per step. On the U-Net benchmark's 1024-token self-attention this runs ~2x faster
-          than torch's fused CPU kernel (scaled_dot_product_attention), forward and backward,
-          and ~6x faster than the unchunked einsums.
+  einsum  for CPUs: heads-first einsums ([B * H, L, D]) computed a few (batch, head) pairs,
+          or for long sequences a block of queries, at a time, so that a step's [Lq, Lk]
+          logits stay in cache: XLA:CPU fuses neither the two matmuls nor the softmax, and
+          each pass over the full logits would stream through DRAM. Its gradient is written
+          out flash-attention style (Dao et al., 2022, Alg. 2 without the online softmax):
+          only the softmax statistics are kept and the probabilities are recomputed per
+          step. For the U-Net benchmark's 1024-token self-attention (batch 8, 8 heads of 8)
+          on the 2-core benchmark machine: 0.05 s forward and 0.14 s forward + backward,
+          against 0.14 / 0.57 s for torch's scaled_dot_product_attention and 0.55 / 2.0 s
+          for the xla backend.
   xla     `jax.nn.dot_product_attention(implementation="xla")`.
   cudnn   `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN flash attention, which
           never materialises the [Lq, Lk] matrix; GPU only, float16 / bfloat16, head size a
