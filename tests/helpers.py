@@ -67,13 +67,18 @@ def tiny_config(**overrides):
   c.optim.decay_steps = 20  # fixed, so runs extended to more steps keep the same lr
   c.checkpoint.every_steps = 1000
   c.checkpoint.async_save = True
+  return override(c, **overrides)
+
+
+def override(config, **overrides):
+  """Sets dotted fields: override(c, **{"model.kind": "vq", "batch_size": 8})."""
   for key, value in overrides.items():
-    target = c
+    target = config
     *parents, leaf = key.split(".")
     for p in parents:
       target = target[p]
     target[leaf] = value
-  return c
+  return config
 
 
 def read_item(workdir: Path, item: str = "params", step: int | None = None):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, records
+from helpers import REPO, override, records
 from jaxt2i.models.autoencoder import Autoencoder, kl_divergence
 from jaxt2i.parallel import partitioning
 from jaxt2i.tasks.autoencoder import AutoencoderTask
@@ -19,14 +19,7 @@ from configs.autoencoder_shapes import get_config  # noqa: E402
 
 
 def tiny(**overrides):
-  c = get_config("tiny")
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return override(get_config("tiny"), **overrides)
 
 
 @pytest.mark.parametrize("kind", ["kl", "vq"])

@@ -62,10 +62,16 @@ def test_eval_hook_logs_scores_and_grids(tmp_path, tok_path, evaluator_64):
   assert events and max(e.stat().st_size for e in events) > 10_000  # image summaries
 
 
-def test_eval_workdir_writes_report_and_is_deterministic(tmp_path, tok_path, evaluator_64):
-  del evaluator_64
-  workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tok_path, evaluator_64):
+  del evaluator_64  # cached before any subprocess needs it
+  workdir = tmp_path_factory.mktemp("run")
   _train(_config(tok_path), workdir, Tokenizer.load(str(tok_path)))
+  return workdir
+
+
+def test_eval_workdir_writes_report_and_is_deterministic(tmp_path, trained_run):
+  workdir = trained_run
   results = runner.evaluate_workdir(workdir, num_prompts=3, samples_per_prompt=2)
   assert set(results["splits"]) == {"test", "test_heldout"}
   for res in results["splits"].values():
@@ -85,16 +91,14 @@ def test_eval_workdir_writes_report_and_is_deterministic(tmp_path, tok_path, eva
   assert again["splits"] == results["splits"]
 
 
-def test_eval_cli_on_a_workdir(tmp_path, tok_path, evaluator_64):
-  del evaluator_64
-  workdir = tmp_path / "run"
-  _train(_config(tok_path), workdir, Tokenizer.load(str(tok_path)))
-  result = subprocess.run([sys.executable, "-m", "jaxt2i", "eval", "--workdir", str(workdir),
-                           "--num_prompts", "2", "--samples_per_prompt", "1"],
+def test_eval_cli_on_a_workdir(tmp_path, trained_run):
+  out = tmp_path / "report"
+  result = subprocess.run([sys.executable, "-m", "jaxt2i", "eval", "--workdir", str(trained_run),
+                           "--num_prompts", "2", "--samples_per_prompt", "1", "--out", str(out)],
                           capture_output=True, text=True, timeout=280, cwd=REPO)
   assert result.returncode == 0, result.stderr
   assert "test_heldout: fully correct" in result.stdout
-  assert (workdir / "index.html").exists() and (workdir / "eval.json").exists()
+  assert (out / "index.html").exists() and (out / "eval.json").exists()
   missing = subprocess.run([sys.executable, "-m", "jaxt2i", "eval", "--workdir",
                             str(tmp_path / "nothing")], capture_output=True, text=True,
                            timeout=120, cwd=REPO)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, read_item, records, tokenizer_path
+from helpers import REPO, override, read_item, records, tokenizer_path
 from jaxt2i.data.tokenizer import Tokenizer
 from jaxt2i.eval import runner
 from jaxt2i.tasks.base import get_task
@@ -20,16 +20,6 @@ from configs.autoencoder_shapes import get_config as ae_config  # noqa: E402
 from configs.ldm_shapes import get_config as ldm_config  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _set(config, **overrides):
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
 
 
 def _train(config, workdir, **kwargs):
@@ -47,7 +37,7 @@ def _train(config, workdir, **kwargs):
 @pytest.fixture(scope="module")
 def ae_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ae")
-  _train(_set(ae_config("tiny"), **{"model.disc_weight": 0.0}), workdir,
+  _train(override(ae_config("tiny"), **{"model.disc_weight": 0.0}), workdir,
          source=records(64, 32))
   return workdir
 
@@ -65,9 +55,9 @@ def ae_fields():
 
 
 def tiny_ldm(ae_dir, tok, **overrides):
-  return _set(ldm_config("tiny"), **{"model.autoencoder_workdir": str(ae_dir),
-                                     "data.tokenizer": tok.path, "data.max_caption_length": 20,
-                                     **overrides})
+  return override(ldm_config("tiny"), **{
+      "model.autoencoder_workdir": str(ae_dir), "data.tokenizer": tok.path,
+      "data.max_caption_length": 20, **overrides})
 
 
 def test_needs_a_first_stage():
@@ -119,7 +109,7 @@ def test_sampling_arguments_do_not_recompile(tok):
   batch = {"image": jnp.zeros((1, size, size, 3)), "tokens": jnp.zeros((1, 20), jnp.int32),
            "tokens_mask": jnp.ones((1, 20), jnp.int32)}
   from jaxt2i.parallel import partitioning
-  params = partitioning.unbox(task.init(jax.random.key(0), batch))
+  params = jax.jit(lambda r: partitioning.unbox(task.init(r, batch)))(jax.random.key(0))
   traces = []
 
   @jax.jit
