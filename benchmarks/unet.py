@@ -15,8 +15,8 @@ converted) and the same inputs, float32, on this CPU (torch with as many threads
 Reported: medians (and minima) of `--repeats` timings after 2 warm-up calls, the two
 frameworks alternating step by step so that load from other processes on a shared machine
 hits both alike; the ratio ours / PyTorch of the medians (and of the minima, steadier when
-the machine is busy); the train step's compile time and
-XLA's cost_analysis FLOPs. Recorded as `unet_step` (benchmarks/RESULTS.md).
+the machine is busy); the train step's compile time and XLA's cost_analysis FLOPs. Recorded
+as `unet_step` (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -55,10 +55,6 @@ def torch_unet(config: dict, seed: int = 0):
   return model
 
 
-def torch_state_dict(model) -> dict[str, np.ndarray]:
-  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
-
-
 @needs_diffusers
 @pytest.mark.parametrize("name,config,size,safe,implementations", [
     ("sd1", SD1, (16, 16), True, ("einsum", "xla")),
@@ -82,7 +78,8 @@ def test_matches_diffusers(tmp_path, name, config, size, safe, implementations):
   outputs = {}
   for implementation in implementations:
     apply = jax.jit(model.clone(attention_implementation=implementation).apply)
-    out = np.asarray(apply({"params": params}, sample.transpose(0, 2, 3, 1), timesteps, text))
+    out = np.asarray(apply({"params": params}, sample.transpose(0, 2, 3, 1),
+                           timesteps.astype(np.int32), text))
     outputs[implementation] = out.transpose(0, 3, 1, 2)
     assert np.isfinite(out).all()
     error = np.abs(outputs[implementation] - expected).max() / np.abs(expected).max()
