@@ -38,7 +38,7 @@ from etils import epath
 
 from jaxt2i.data import shapes
 from jaxt2i.data.pipeline import resize_center_crop
-from jaxt2i.tasks.shapes_evaluator import (COLOR_NAMES, OFFSET_UNIT, SIZE_NAMES, GeneratedScenes,
+from jaxt2i.tasks.shapes_evaluator import (COLOR_NAMES, OFFSET_UNIT, SIZE_NAMES,
                                            ShapesEvaluatorTask, cell_of)
 
 # Bump when the evaluator's recipe changes: cached evaluators of other versions are not used.

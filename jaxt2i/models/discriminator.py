@@ -36,10 +36,7 @@ class PatchDiscriminator(nn.Module):
       groups = min(self.num_groups, h.shape[-1])
       while h.shape[-1] % groups:
         groups -= 1
-      return nn.GroupNorm(num_groups=groups, dtype=self.dtype, name=name,
-                          scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                          bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                 ("norm",)))(h)
+      return layers.group_norm(groups, 1e-6, self.dtype, name)(h)
 
     h = nn.leaky_relu(conv(self.base_channels, 2, "conv_in")(images.astype(self.dtype)), 0.2)
     for i in range(1, self.num_layers + 1):

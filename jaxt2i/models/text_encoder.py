@@ -20,9 +20,7 @@ from jaxt2i.models.attention import Attention
 
 
 def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(dtype=dtype, name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+  return layers.layer_norm(1e-6, dtype, name)
 
 
 class TextEncoderBlock(nn.Module):
