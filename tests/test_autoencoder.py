@@ -100,18 +100,23 @@ def test_bad_configs_are_named():
 
 @pytest.mark.slow  # ~25 s each on 2 cores
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["kl", "vq"])
+@pytest.mark.parametrize("kind", ["kl", "vq", "vq_ema"])
 def test_trains_with_the_trainer(tmp_path, kind):
   """Reconstruction improves over 60 steps with the GAN switched on half way."""
-  config = tiny(**{"model.kind": kind, "model.num_codes": 64, "train.num_steps": 60,
+  ema = 0.9 if kind == "vq_ema" else 0.0
+  config = tiny(**{"model.kind": kind[:2], "model.num_codes": 64, "train.num_steps": 60,
+                   "model.vq_ema_decay": ema,
                    "model.disc_start": 30, "optim.learning_rate": 2e-3,
                    "train.log_every": 10, "optim.warmup_steps": 5})
   trainer = Trainer(config, tmp_path, source=records(64, 32), devices=jax.devices()[:1])
   try:
-    trainer.train()
+    state = trainer.train()
   finally:
     trainer.writer.close()
     trainer.checkpointer.close()
+  if ema:  # the statistics moved: N tends to the 8 x 16 x 16 latents assigned per step
+    sizes = np.asarray(state.params["autoencoder"]["quantizer"]["ema_cluster_size"])
+    assert sizes.sum() == pytest.approx(8 * 16 * 16, rel=0.01) and sizes.std() > 0
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train = [l for l in lines if "train/l1" in l]
   assert train[-1]["train/l1"] < 0.7 * train[0]["train/l1"]

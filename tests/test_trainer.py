@@ -181,6 +181,24 @@ def test_loss_spike_is_skipped(tmp_path, tok):
   assert int(state.skipped) == 1 and int(state.step) == 4
 
 
+def test_state_updates_replace_what_the_optimizer_made(tmp_path, tok):
+  """Task.loss's STATE_UPDATES leaves are written after the optimizer step (an EMA codebook's
+  way of updating): here a bias that counts steps, whatever its gradient says."""
+  from jaxt2i.tasks.base import STATE_UPDATES
+  config = tiny_config(**{"train.num_steps": 3, "mesh.data": 1})
+
+  class CountingTask(CaptionRegressionTask):
+    def loss(self, params, batch, rng):
+      loss, aux = super().loss(params, batch, rng)
+      bias = params["to_rgb"]["bias"]
+      return loss, {**aux, STATE_UPDATES: {"to_rgb": {"bias": bias + 1.0}}}
+
+  _, state = run(config, tmp_path / "run", tok, jax.devices()[:1], task=CountingTask(config))
+  # Biases start at zero; the optimizer's own update of them is discarded every step.
+  np.testing.assert_allclose(np.asarray(state.params["to_rgb"]["bias"]), 3.0, atol=1e-6)
+  assert not any("state_updates" in l for l in (tmp_path / "run" / "metrics.jsonl").open())
+
+
 def test_grad_accumulation_matches_full_batch(tmp_path, tok):
   base = {"train.num_steps": 2, "mesh.data": 2, "optim.name": "sgd", "optim.b1": 0.0,
           "optim.grad_clip_norm": 0.0}

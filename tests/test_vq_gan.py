@@ -57,6 +57,36 @@ def test_straight_through_and_codebook_gradients():
   np.testing.assert_allclose(g_book["codebook"], expected, atol=1e-6)
 
 
+def test_ema_codebook_follows_its_assigned_inputs():
+  """EMA mode (van den Oord et al. 2017, A.1): the update equations, Laplace smoothing, only the
+  commitment loss, and no gradient into the statistics."""
+  k, d, decay, eps = 8, 3, 0.9, 1e-5
+  vq = VectorQuantizer(num_codes=k, dim=d, beta=0.25, ema_decay=decay, ema_epsilon=eps)
+  z = jax.random.normal(jax.random.key(4), (20, d))
+  params = _init(vq, z)
+  assert set(params) == {"ema_cluster_size", "ema_embed_sum"}
+  params = {"ema_cluster_size": jnp.arange(1.0, k + 1), "ema_embed_sum": params["ema_embed_sum"]}
+  sizes, sums = np.asarray(params["ema_cluster_size"]), np.asarray(params["ema_embed_sum"])
+  smoothed = (sizes + eps) / (sizes.sum() + k * eps) * sizes.sum()
+  book = sums / smoothed[:, None]
+  np.testing.assert_allclose(vq.apply({"params": params}, method="codes"), book, rtol=1e-6)
+  z_q, aux = vq.apply({"params": params}, z)
+  flat = np.asarray(z)
+  idx = ((flat[:, None] - book[None]) ** 2).sum(-1).argmin(1)
+  np.testing.assert_array_equal(np.asarray(aux["indices"]), idx)
+  counts = np.bincount(idx, minlength=k).astype(np.float32)
+  assigned = np.zeros((k, d), np.float32)
+  np.add.at(assigned, idx, flat)
+  update = aux["ema_update"]
+  np.testing.assert_allclose(update["ema_cluster_size"], decay * sizes + (1 - decay) * counts,
+                             rtol=1e-6)
+  np.testing.assert_allclose(update["ema_embed_sum"], decay * sums + (1 - decay) * assigned,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(aux["loss"], 0.25 * ((flat - book[idx]) ** 2).mean(), rtol=1e-5)
+  grads = jax.grad(lambda p: vq.apply({"params": p}, z)[1]["loss"])(params)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
 def test_l2_normalized_codes_and_bad_width():
   vq = VectorQuantizer(num_codes=8, dim=4, l2_normalize=True)
   z = 3.0 * jax.random.normal(jax.random.key(3), (6, 4))

@@ -124,6 +124,7 @@ class Autoencoder(nn.Module):
   num_codes: int = 1024        # VQ codebook size
   vq_beta: float = 0.25        # VQ commitment weight
   vq_l2_normalize: bool = False
+  vq_ema_decay: float = 0.0    # VQ: > 0 makes the codebook an EMA of its assigned inputs
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -140,7 +141,7 @@ class Autoencoder(nn.Module):
                                        padding=0)
     if self.kind == "vq":
       self.quantizer = VectorQuantizer(self.num_codes, self.latent_channels, self.vq_beta,
-                                       self.vq_l2_normalize)
+                                       self.vq_l2_normalize, ema_decay=self.vq_ema_decay)
 
   @property
   def downsample_factor(self) -> int:

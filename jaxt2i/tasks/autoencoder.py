@@ -22,7 +22,7 @@ import ml_collections
 from jaxt2i.models.autoencoder import Autoencoder, kl_divergence
 from jaxt2i.models.discriminator import (PatchDiscriminator, adaptive_weight, generator_loss,
                                          hinge_d_loss)
-from jaxt2i.tasks.base import Batch, PyTree, Task, register
+from jaxt2i.tasks.base import STATE_UPDATES, Batch, PyTree, Task, register
 from jaxt2i.training.config import ConfigError
 
 
@@ -52,6 +52,8 @@ class AutoencoderTask(Task):
     m.num_codes = 1024               # vq: codebook size
     m.vq_beta = 0.25                 # vq: commitment weight
     m.vq_l2_normalize = True         # vq: codes on the unit sphere (better codebook usage)
+    m.vq_ema_decay = 0.0             # vq: 0 = codebook learned by its loss (straight-through);
+                                     # e.g. 0.99 = codebook as an EMA of its assigned inputs
     m.kl_weight = 1e-6               # kl: weight of the KL term (SD's value)
     m.disc_weight = 0.5              # 0 = no adversarial loss (and no discriminator)
     m.disc_start = 2000              # step at which the adversarial terms switch on
@@ -65,6 +67,8 @@ class AutoencoderTask(Task):
     m = self.config.model
     if m.kind not in ("kl", "vq"):
       raise ConfigError(f"config.model.kind={m.kind!r}: choose 'kl' or 'vq'")
+    if not 0.0 <= m.vq_ema_decay < 1.0:
+      raise ConfigError(f"config.model.vq_ema_decay={m.vq_ema_decay}: must be in [0, 1)")
     if m.perceptual_weights:
       raise ConfigError("config.model.perceptual_weights: the LPIPS term is not implemented "
                         "yet; leave it ''")
@@ -85,7 +89,7 @@ class AutoencoderTask(Task):
                        layers_per_block=m.layers_per_block, groups=m.norm_groups,
                        mid_attention=m.mid_attention, num_codes=m.num_codes,
                        vq_beta=m.vq_beta, vq_l2_normalize=m.vq_l2_normalize,
-                       dtype=self.compute_dtype)
+                       vq_ema_decay=m.vq_ema_decay, dtype=self.compute_dtype)
 
   @property
   def discriminator(self) -> PatchDiscriminator:
@@ -120,6 +124,8 @@ class AutoencoderTask(Task):
     else:
       loss = rec + post["loss"]
       metrics.update(vq_loss=post["loss"], perplexity=post["perplexity"], usage=post["usage"])
+      if "ema_update" in post:
+        metrics[STATE_UPDATES] = {"autoencoder": {"quantizer": post["ema_update"]}}
     if m.disc_weight > 0:
       on = (step >= m.disc_start).astype(jnp.float32)
       disc = params["discriminator"]

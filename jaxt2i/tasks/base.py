@@ -24,6 +24,12 @@ PyTree = Any
 Batch = Mapping[str, jax.Array]
 
 
+# A key `Task.loss` may put in its metrics: a nested dict of new values for some params (the
+# same tree layout, only the replaced leaves), written after the optimizer step instead of what
+# the optimizer made of them. For state that is not learned by gradients (e.g. an EMA codebook).
+STATE_UPDATES = "state_updates"
+
+
 class Task(abc.ABC):
   """Subclasses set `name` and `default_model_config()`, and implement init / loss."""
 
@@ -78,7 +84,8 @@ class Task(abc.ABC):
 
   @abc.abstractmethod
   def loss(self, params: PyTree, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
-    """Scalar training loss and a dict of scalar metrics (averaged over the batch)."""
+    """Scalar training loss and a dict of scalar metrics (averaged over the batch), optionally
+    with new values for non-gradient params under STATE_UPDATES."""
 
   def sample(self, params: PyTree, batch: Batch, rng: jax.Array) -> jax.Array:
     """Images for the captions of `batch` (`tokens`, `tokens_mask`): uint8 [B, H, W, 3].

@@ -31,7 +31,7 @@ from jaxt2i.training.config import ConfigError
 
 # Autoencoder model fields read from its run's config.json.
 _AE_FIELDS = ("kind", "latent_channels", "block_out_channels", "layers_per_block", "norm_groups",
-              "mid_attention", "num_codes", "vq_beta", "vq_l2_normalize")
+              "mid_attention", "num_codes", "vq_beta", "vq_l2_normalize", "vq_ema_decay")
 
 
 def autoencoder_from_config(model_cfg: Any, dtype: Any = jnp.float32) -> Autoencoder:
@@ -40,7 +40,8 @@ def autoencoder_from_config(model_cfg: Any, dtype: Any = jnp.float32) -> Autoenc
                      block_out_channels=tuple(m["block_out_channels"]),
                      layers_per_block=m["layers_per_block"], groups=m["norm_groups"],
                      mid_attention=m["mid_attention"], num_codes=m["num_codes"],
-                     vq_beta=m["vq_beta"], vq_l2_normalize=m["vq_l2_normalize"], dtype=dtype)
+                     vq_beta=m["vq_beta"], vq_l2_normalize=m["vq_l2_normalize"],
+                     vq_ema_decay=m.get("vq_ema_decay", 0.0), dtype=dtype)
 
 
 @register
@@ -117,7 +118,8 @@ class LatentDiffusionTask(Task):
       if config.task != "autoencoder":
         raise ConfigError(f"config.model.autoencoder_workdir={workdir} is a {config.task!r} "
                           "run, not an autoencoder")
-      fields = {k: config.model[k] for k in _AE_FIELDS}
+      defaults = task.default_model_config()
+      fields = {k: config.model.get(k, defaults[k]) for k in _AE_FIELDS}
       self._ae_cache = (fields, jax.tree.map(np.asarray, jax.device_get(params["autoencoder"])))
       with self.config.unlocked():
         self.config.model.autoencoder = ml_collections.ConfigDict(fields)

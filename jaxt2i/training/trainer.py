@@ -37,7 +37,7 @@ from jaxt2i.data import pipeline
 from jaxt2i.data.tokenizer import Tokenizer
 from jaxt2i.parallel import mesh as mesh_lib
 from jaxt2i.parallel import partitioning
-from jaxt2i.tasks.base import Task, get_task
+from jaxt2i.tasks.base import STATE_UPDATES, Task, get_task
 from jaxt2i.training import config as config_lib
 from jaxt2i.training import metrics as metrics_lib
 from jaxt2i.training.checkpoint import Checkpointer
@@ -231,6 +231,8 @@ class Trainer:
     cfg = self.config.train
     rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), state.step)
     (loss, aux), grads = self._grads(state.params, batch, rng, state.step)
+    aux = dict(aux)
+    state_updates = aux.pop(STATE_UPDATES, None)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if cfg.loss_spike_factor > 0:
@@ -241,6 +243,8 @@ class Trainer:
     for key in self.task.frozen_keys:  # frozen subtrees: weight decay must not move them either
       updates = {**updates, key: jax.tree.map(jnp.zeros_like, updates[key])}
     params = optax.apply_updates(state.params, updates)
+    if state_updates is not None:
+      params = _replace_leaves(params, state_updates)
 
     def keep_if_bad(new, old):
       return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
@@ -494,3 +498,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   finally:
     trainer.writer.close()
     trainer.checkpointer.close()
+
+
+def _replace_leaves(params: Any, updates: Mapping[str, Any], path: str = "") -> Any:
+  """params with the leaves named in the nested dict `updates` replaced (dtype kept)."""
+  if not isinstance(params, Mapping):
+    return jnp.asarray(updates, params.dtype)
+  out = dict(params)
+  for key, value in updates.items():
+    if key not in params:
+      raise KeyError(f"Task.loss state update names {path + key!r}, which is not a param")
+    out[key] = _replace_leaves(params[key], value, f"{path}{key}/")
+  return out
