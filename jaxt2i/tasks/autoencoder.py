@@ -15,6 +15,8 @@ usual alternating updates compute, without a second optimizer.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -127,32 +129,47 @@ class AutoencoderTask(Task):
       if "ema_update" in post:
         metrics[STATE_UPDATES] = {"autoencoder": {"quantizer": post["ema_update"]}}
     if m.disc_weight > 0:
-      on = (step >= m.disc_start).astype(jnp.float32)
-      disc = params["discriminator"]
-      frozen_disc = jax.lax.stop_gradient(disc)
-      kernel = ae["decoder"]["conv_out"]["kernel"]
-      bias = ae["decoder"]["conv_out"]["bias"]
-      feats = jax.lax.stop_gradient(features)
-
-      def out_from_kernel(w):
-        y = jax.lax.conv_general_dilated(feats.astype(jnp.float32), w, (1, 1), ((1, 1), (1, 1)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + bias
-
-      def g_of(images):
-        return generator_loss(self.discriminator.apply({"params": frozen_disc}, images))
-      g = g_of(recon)
-      grad_rec = jax.grad(lambda w: jnp.mean(jnp.abs(x - out_from_kernel(w))))(kernel)
-      grad_gan = jax.grad(lambda w: g_of(out_from_kernel(w)))(kernel)
-      weight = m.disc_weight * adaptive_weight(jnp.linalg.norm(grad_rec),
-                                               jnp.linalg.norm(grad_gan))
-      logits_real = self.discriminator.apply({"params": disc}, x)
-      logits_fake = self.discriminator.apply({"params": disc}, jax.lax.stop_gradient(recon))
-      d_loss = hinge_d_loss(logits_real, logits_fake)
-      loss = loss + on * (weight * g + d_loss)
-      metrics.update(g_loss=g, d_loss=d_loss, d_weight=weight, disc_on=on,
-                     logits_real=jnp.mean(logits_real), logits_fake=jnp.mean(logits_fake))
+      on = step >= m.disc_start
+      # Before disc_start the discriminator costs nothing: lax.cond runs one branch only.
+      gan, gan_metrics = jax.lax.cond(
+          on, functools.partial(self._gan_terms, x=x, recon=recon, features=features),
+          self._no_gan_terms, params)
+      loss = loss + gan
+      metrics.update(gan_metrics, disc_on=on.astype(jnp.float32))
     return loss, metrics
+
+  def _gan_terms(self, params: PyTree, *, x: jax.Array, recon: jax.Array, features: jax.Array):
+    """lambda * disc_weight * -D(x_hat) + hinge(D(x), D(x_hat)), and their metrics."""
+    ae, disc = params["autoencoder"], params["discriminator"]
+    frozen_disc = jax.lax.stop_gradient(disc)
+    kernel = ae["decoder"]["conv_out"]["kernel"]
+    bias = ae["decoder"]["conv_out"]["bias"]
+    feats = jax.lax.stop_gradient(features)
+
+    def out_from_kernel(w):
+      y = jax.lax.conv_general_dilated(feats.astype(jnp.float32), w, (1, 1), ((1, 1), (1, 1)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return y + bias
+
+    def g_of(images):
+      return generator_loss(self.discriminator.apply({"params": frozen_disc}, images))
+    g = g_of(recon)
+    grad_rec = jax.grad(lambda w: jnp.mean(jnp.abs(x - out_from_kernel(w))))(kernel)
+    grad_gan = jax.grad(lambda w: g_of(out_from_kernel(w)))(kernel)
+    weight = self.config.model.disc_weight * adaptive_weight(jnp.linalg.norm(grad_rec),
+                                                             jnp.linalg.norm(grad_gan))
+    logits_real = self.discriminator.apply({"params": disc}, x)
+    logits_fake = self.discriminator.apply({"params": disc}, jax.lax.stop_gradient(recon))
+    d_loss = hinge_d_loss(logits_real, logits_fake)
+    return weight * g + d_loss, {"g_loss": g, "d_loss": d_loss, "d_weight": weight,
+                                 "logits_real": jnp.mean(logits_real),
+                                 "logits_fake": jnp.mean(logits_fake)}
+
+  def _no_gan_terms(self, params: PyTree):
+    del params
+    zero = jnp.zeros((), jnp.float32)
+    return zero, {k: zero for k in ("g_loss", "d_loss", "d_weight", "logits_real",
+                                    "logits_fake")}
 
   def evaluate(self, params: PyTree, batch: Batch, rng: jax.Array) -> dict[str, jax.Array]:
     del rng
