@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
+from jaxt2i.convert.state_dict import check_layout, read_state_dict, set_path
 from jaxt2i.models.unet import UNet
 
 # diffusers config keys that become UNet fields (same names), with diffusers' defaults for
@@ -144,11 +145,6 @@ def expected_layout(model: UNet) -> dict[str, tuple[tuple[str, ...], tuple[int, 
   return layout
 
 
-def _abbreviate(items: list[str], limit: int = 8) -> str:
-  shown = ", ".join(items[:limit])
-  return f"[{shown}, ... {len(items) - limit} more]" if len(items) > limit else f"[{shown}]"
-
-
 def unet_params_from_diffusers(state_dict: Mapping[str, Any], model: UNet) -> dict[str, Any]:
   """Converts a diffusers UNet2DConditionModel state_dict into `model`'s params.
 
@@ -165,15 +161,8 @@ def unet_params_from_diffusers(state_dict: Mapping[str, Any], model: UNet) -> di
     ValueError: keys are missing, unexpected or wrongly shaped; the message lists them.
   """
   layout = expected_layout(model)
-  shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
-  wrong = [f"{k}: {shapes[k]} (expected {layout[k][2]})"
-           for k in sorted(set(layout) & set(shapes)) if shapes[k] != layout[k][2]]
-  problems = [f"{what} {_abbreviate(keys)}" for what, keys in (
-      ("missing keys", sorted(set(layout) - set(shapes))),
-      ("unexpected keys", sorted(set(shapes) - set(layout))),
-      ("wrong shapes", wrong)) if keys]
-  if problems:
-    raise ValueError("state_dict does not match the UNet: " + "; ".join(problems))
+  check_layout(state_dict, {k: v[2] for k, v in layout.items()},
+               "state_dict does not match the UNet")
 
   params: dict[str, Any] = {}
   for key, (path, shape, _) in layout.items():
@@ -182,28 +171,11 @@ def unet_params_from_diffusers(state_dict: Mapping[str, Any], model: UNet) -> di
       value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T.reshape(shape)
     else:
       value = value.reshape(shape)
-    node = params
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = np.ascontiguousarray(value)
+    set_path(params, path, np.ascontiguousarray(value))
   return params
 
 
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """A .safetensors or torch .bin state_dict file as {key: numpy array}."""
-  path = os.fspath(path)
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return dict(load_file(path))
-  try:
-    import torch  # Lazy: only the legacy .bin format needs PyTorch.
-  except ImportError as e:
-    raise ImportError(f"reading {path} needs PyTorch; or convert it to .safetensors") from e
-  state = torch.load(path, map_location="cpu", weights_only=True)
-  return {k: v.detach().float().numpy() for k, v in state.items()}
 
 
 def load_diffusers_unet(path: str | os.PathLike, **overrides: Any) -> tuple[UNet, dict[str, Any]]:
@@ -230,7 +202,8 @@ def load_diffusers_unet(path: str | os.PathLike, **overrides: Any) -> tuple[UNet
     model = UNet(**{**unet_config_from_diffusers(json.load(f)), **overrides})
   for name in _WEIGHT_FILES:
     if os.path.isfile(os.path.join(path, name)):
-      return model, unet_params_from_diffusers(read_state_dict(os.path.join(path, name)), model)
+      state = read_state_dict(os.path.join(path, name), "diffusers UNet weights")
+      return model, unet_params_from_diffusers(state, model)
   raise FileNotFoundError(f"no weights in {path}: expected one of {list(_WEIGHT_FILES)} "
                           f"(found {sorted(os.listdir(path))}; sharded or variant files are "
                           "not read)")

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxt2i.convert.state_dict import check_layout, read_state_dict, set_path
+
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    + FID_WEIGHTS_NAME)
@@ -237,40 +239,6 @@ def _expected_layout() -> dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]
   return layout
 
 
-def _read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads `path` (.pth/.pt, .safetensors or .npz) into a flat {key: numpy array} dict."""
-  suffix = os.path.splitext(path)[1].lower()
-  if suffix not in (".pth", ".pt", ".safetensors", ".npz"):
-    raise ValueError(f"unsupported weights file {path}: expected .pth, .pt, .safetensors or .npz")
-  if suffix in (".pth", ".pt"):
-    try:
-      import torch  # Lazy: torch is only needed for the .pth release file.
-    except ImportError as e:
-      raise ImportError(
-          f"reading {path} needs PyTorch (pip install torch), or a .safetensors / .npz copy "
-          "with the same keys") from e
-  try:
-    if suffix == ".safetensors":
-      from safetensors.numpy import load_file
-      return dict(load_file(path))
-    if suffix == ".npz":
-      with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-      return {str(k): v.detach().cpu().numpy() for k, v in obj.items()}
-    error = f"it holds a {type(obj).__name__}, not a state_dict of tensors"
-  except Exception as e:  # A corrupt file: say which one, not where deep in torch it broke.
-    error = f"{type(e).__name__}: {e}"
-  raise ValueError(f"could not read FID Inception weights from {path}: {error}")
-
-
-def _abbreviate(items: list[str], limit: int = 10) -> str:
-  """The first `limit` items, then a count, so a wholly wrong file gives a readable error."""
-  shown = ", ".join(items[:limit])
-  return f"[{shown}, ... {len(items) - limit} more]" if len(items) > limit else f"[{shown}]"
-
-
 def load_fid_inception(path: str | os.PathLike) -> dict[str, Any]:
   """Loads pytorch-fid's FID Inception weights into Flax variables.
 
@@ -291,27 +259,18 @@ def load_fid_inception(path: str | os.PathLike) -> dict[str, Any]:
         f"FID Inception weights not found at {path}. The standard file is pytorch-fid's "
         f"{FID_WEIGHTS_NAME} ({FID_WEIGHTS_URL}); download it once by hand, this code never "
         "downloads anything.")
-  state = {k: v for k, v in _read_state_dict(path).items()
+  state = {k: v for k, v in read_state_dict(path, "FID Inception weights").items()
            if not k.endswith("num_batches_tracked")}
   layout = _expected_layout()
-  wrong = [f"{k}: {tuple(state[k].shape)} (expected {layout[k][2]})"
-           for k in sorted(set(layout) & set(state)) if tuple(state[k].shape) != layout[k][2]]
-  problems = [f"{what} {_abbreviate(keys)}" for what, keys in (
-      ("missing keys", sorted(set(layout) - set(state))),
-      ("unexpected keys", sorted(set(state) - set(layout))),
-      ("wrong shapes", wrong)) if keys]
-  if problems:
-    raise ValueError(f"{path} is not an FID Inception-v3 state_dict: " + "; ".join(problems))
+  check_layout(state, {k: v[2] for k, v in layout.items()},
+               f"{path} is not an FID Inception-v3 state_dict")
 
   variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
   for key, (collection, flax_path, _) in layout.items():
     value = np.asarray(state[key], dtype=np.float32)
     if flax_path[-1] == "kernel":
       value = value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    node = variables[collection]
-    for name in flax_path[:-1]:
-      node = node.setdefault(name, {})
-    node[flax_path[-1]] = jnp.asarray(value)
+    set_path(variables[collection], flax_path, jnp.asarray(value))
   return variables
 
 

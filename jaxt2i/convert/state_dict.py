@@ -1,0 +1,85 @@
+"""Reading PyTorch-world weight files and checking them against the layout a model expects.
+
+Shared by every converter (diffusers U-Net, FID Inception, LPIPS, ...): one reader for
+.safetensors, .npz and torch .pth / .pt / .bin files, and one check that names every missing,
+unexpected or wrongly shaped key instead of failing deep inside a model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+SUFFIXES = _TORCH_SUFFIXES + (".safetensors", ".npz")
+
+
+def read_state_dict(path: str | os.PathLike, what: str = "weights") -> dict[str, np.ndarray]:
+  """Reads a state_dict file into {key: float32 numpy array}.
+
+  Args:
+    path: .safetensors, .npz, or a torch.save'd state_dict (.pth / .pt / .bin).
+    what: what the file should hold, for error messages ("FID Inception weights").
+
+  Raises:
+    FileNotFoundError: no such file (nothing is ever downloaded).
+    ValueError: an unsupported suffix, or a file that is not a state_dict of tensors.
+    ImportError: a torch file without PyTorch installed.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what} not found at {path}")
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix not in SUFFIXES:
+    raise ValueError(f"unsupported {what} file {path}: expected one of {', '.join(SUFFIXES)}")
+  if suffix in _TORCH_SUFFIXES:
+    try:
+      import torch  # Lazy: only torch's own formats need PyTorch.
+    except ImportError as e:
+      raise ImportError(f"reading {path} needs PyTorch (pip install torch), or a .safetensors "
+                        "/ .npz copy with the same keys") from e
+  try:
+    if suffix == ".safetensors":
+      from safetensors.numpy import load_file
+      return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+    if suffix == ".npz":
+      with np.load(path, allow_pickle=False) as data:
+        return {k: np.asarray(data[k], np.float32) for k in data.files}
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+      return {str(k): v.detach().float().cpu().numpy() for k, v in obj.items()}
+    error = f"it holds a {type(obj).__name__}, not a state_dict of tensors"
+  except Exception as e:  # A corrupt file: say which one, not where deep in a library it broke.
+    error = f"{type(e).__name__}: {e}"
+  raise ValueError(f"could not read {what} from {path}: {error}")
+
+
+def abbreviate(items: list[str], limit: int = 10) -> str:
+  """The first `limit` items, then a count, so a wholly wrong file gives a readable error."""
+  shown = ", ".join(items[:limit])
+  return f"[{shown}, ... {len(items) - limit} more]" if len(items) > limit else f"[{shown}]"
+
+
+def check_layout(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]],
+                 what: str) -> None:
+  """Raises ValueError("`what`: missing keys [...]; unexpected keys [...]; wrong shapes [...]")
+  unless `state` has exactly the keys of `expected`, each with its shape."""
+  shapes = {k: tuple(np.shape(v)) for k, v in state.items()}
+  wrong = [f"{k}: {shapes[k]} (expected {tuple(expected[k])})"
+           for k in sorted(set(expected) & set(shapes)) if shapes[k] != tuple(expected[k])]
+  problems = [f"{name} {abbreviate(keys)}" for name, keys in (
+      ("missing keys", sorted(set(expected) - set(shapes))),
+      ("unexpected keys", sorted(set(shapes) - set(expected))),
+      ("wrong shapes", wrong)) if keys]
+  if problems:
+    raise ValueError(f"{what}: " + "; ".join(problems))
+
+
+def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+  """tree[path[0]][path[1]]... = value, creating the intermediate dicts."""
+  for name in path[:-1]:
+    tree = tree.setdefault(name, {})
+  tree[path[-1]] = value
