@@ -3,7 +3,8 @@
 Loss (Esser et al. 2021, eq. 5-7; Rombach et al. 2022, appendix G), all terms per image
 element so the weights mean what SD's do:
 
-    L = |x - x_hat|_1 + kl_weight * KL (or the VQ codebook + commitment loss)
+    L = |x - x_hat|_1 [+ perceptual_weight * LPIPS(x, x_hat), with user-supplied weights]
+        + kl_weight * KL (or the VQ codebook + commitment loss)
         + on(step >= disc_start) * (lambda * disc_weight * -D(x_hat) + hinge(D(x), D(x_hat)))
 
 lambda is the adaptive weight: the ratio of the gradient norms of the reconstruction and
@@ -16,6 +17,7 @@ usual alternating updates compute, without a second optimizer.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,7 @@ import ml_collections
 from jaxt2i.models.autoencoder import Autoencoder, kl_divergence
 from jaxt2i.models.discriminator import (PatchDiscriminator, adaptive_weight, generator_loss,
                                          hinge_d_loss)
+from jaxt2i.models.lpips import LPIPS, load_lpips_params
 from jaxt2i.tasks.base import STATE_UPDATES, Batch, PyTree, Task, register
 from jaxt2i.training.config import ConfigError
 
@@ -61,7 +64,9 @@ class AutoencoderTask(Task):
     m.disc_start = 2000              # step at which the adversarial terms switch on
     m.disc_channels = 64
     m.disc_layers = 2
-    m.perceptual_weights = ""        # LPIPS weights file; not supported yet (must be '')
+    m.perceptual_weights = ""        # LPIPS term: VGG-16 + LPIPS head weight files, comma-
+                                     # separated (models/lpips.py); '' = no perceptual term
+    m.perceptual_weight = 1.0        # its weight (taming / LDM: 1.0)
     return m
 
   def validate(self) -> None:
@@ -71,9 +76,11 @@ class AutoencoderTask(Task):
       raise ConfigError(f"config.model.kind={m.kind!r}: choose 'kl' or 'vq'")
     if not 0.0 <= m.vq_ema_decay < 1.0:
       raise ConfigError(f"config.model.vq_ema_decay={m.vq_ema_decay}: must be in [0, 1)")
-    if m.perceptual_weights:
-      raise ConfigError("config.model.perceptual_weights: the LPIPS term is not implemented "
-                        "yet; leave it ''")
+    for path in filter(None, (p.strip() for p in m.perceptual_weights.split(","))):
+      if not os.path.isfile(path):
+        raise ConfigError(f"config.model.perceptual_weights: {path} does not exist (nothing is "
+                          "downloaded: give local VGG-16 and LPIPS head weight files, see "
+                          "jaxt2i/models/lpips.py)")
     factor = 2 ** (len(m.block_out_channels) - 1)
     if self.config.data.image_size % factor:
       raise ConfigError(f"config.data.image_size={self.config.data.image_size} is not "
@@ -94,16 +101,43 @@ class AutoencoderTask(Task):
                        vq_ema_decay=m.vq_ema_decay, dtype=self.compute_dtype)
 
   @property
+  def perceptual(self) -> bool:
+    return bool(self.config.model.perceptual_weights.strip())
+
+  @property
+  def frozen_keys(self) -> tuple[str, ...]:
+    return ("perceptual",) if self.perceptual else ()
+
+  def initial_values(self) -> dict[str, PyTree] | None:
+    """The LPIPS network, read from the user's files in a fresh run (then frozen)."""
+    if not self.perceptual:
+      return None
+    return {"perceptual": load_lpips_params(self.config.model.perceptual_weights)}
+
+  def _reconstruction_loss(self, params: PyTree, x: jax.Array, recon: jax.Array):
+    """L1 (+ perceptual_weight * LPIPS) per image element, and the LPIPS term (or None)."""
+    rec = jnp.mean(jnp.abs(x - recon))
+    if not self.perceptual:
+      return rec, None
+    lpips = jnp.mean(LPIPS(dtype=self.compute_dtype).apply(
+        {"params": jax.lax.stop_gradient(params["perceptual"])}, x, recon))
+    return rec + self.config.model.perceptual_weight * lpips, lpips
+
+  @property
   def discriminator(self) -> PatchDiscriminator:
     m = self.config.model
     return PatchDiscriminator(base_channels=m.disc_channels, num_layers=m.disc_layers,
                               num_groups=m.norm_groups, dtype=self.compute_dtype)
 
   def init(self, rng: jax.Array, batch: Batch) -> PyTree:
-    r1, r2 = jax.random.split(rng)
+    r1, r2, r3 = jax.random.split(rng, 3)
     params = {"autoencoder": self.model.init(r1, batch["image"])["params"]}
     if self.config.model.disc_weight > 0:
       params["discriminator"] = self.discriminator.init(r2, batch["image"])["params"]
+    if self.perceptual:  # zeros, replaced by the user's weights (initial_values)
+      image = batch["image"][:1]
+      shapes = jax.eval_shape(LPIPS().init, r3, image, image)["params"]
+      params["perceptual"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return params
 
   def reconstruct(self, params: PyTree, images: jax.Array, rng: jax.Array | None = None):
@@ -116,9 +150,12 @@ class AutoencoderTask(Task):
     ae = params["autoencoder"]
     recon, features, post = self.model.apply({"params": ae}, x, rng, return_features=True)
     recon = recon.astype(jnp.float32)
-    rec = jnp.mean(jnp.abs(x - recon))
+    rec, lpips = self._reconstruction_loss(params, x, recon)
     elements = x[0].size
-    metrics = {"l1": rec, "psnr": psnr(recon, x, tuple(self.config.data.value_range))}
+    metrics = {"l1": jnp.mean(jnp.abs(x - recon)),
+               "psnr": psnr(recon, x, tuple(self.config.data.value_range))}
+    if lpips is not None:
+      metrics["perceptual"] = lpips
     if m.kind == "kl":
       kl = jnp.mean(kl_divergence(post["mean"], post["logvar"])) / elements
       loss = rec + m.kl_weight * kl
@@ -154,7 +191,9 @@ class AutoencoderTask(Task):
     def g_of(images):
       return generator_loss(self.discriminator.apply({"params": frozen_disc}, images))
     g = g_of(recon)
-    grad_rec = jax.grad(lambda w: jnp.mean(jnp.abs(x - out_from_kernel(w))))(kernel)
+    # The reconstruction side of the ratio is the whole reconstruction loss (L1 + LPIPS).
+    grad_rec = jax.grad(lambda w: self._reconstruction_loss(params, x, out_from_kernel(w))[0])(
+        kernel)
     grad_gan = jax.grad(lambda w: g_of(out_from_kernel(w)))(kernel)
     weight = self.config.model.disc_weight * adaptive_weight(jnp.linalg.norm(grad_rec),
                                                              jnp.linalg.norm(grad_gan))
