@@ -169,6 +169,13 @@ def _eval(argv: list[str]) -> None:
     parser.add_argument("--samples_per_prompt", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="report directory (default: the workdir)")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="diffusion: classifier-free guidance scale (default: the run's "
+                        "config.model.guidance_scale; 1 = no guidance)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="diffusion: sampling steps (default: config.model.num_sampling_steps)")
+    parser.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpmpp_2m"],
+                        help="diffusion: sampler (default: config.model.sampler)")
   elif action == "shapes":
     parser.description = ("Scores images against their shapes-v1 captions: fraction fully "
                           "correct and per-attribute accuracy.")
@@ -196,10 +203,13 @@ def _eval(argv: list[str]) -> None:
   from jaxt2i.eval import runner, shapes as shapes_eval
   try:
     if action == "run":
+      sampling = {k: v for k, v in (("guidance_scale", args.guidance_scale),
+                                    ("num_sampling_steps", args.steps),
+                                    ("sampler", args.sampler)) if v is not None}
       results = runner.evaluate_workdir(args.workdir, num_prompts=args.num_prompts,
                                         samples_per_prompt=args.samples_per_prompt,
                                         seed=args.seed, out_dir=args.out,
-                                        cache_dir=args.cache_dir)
+                                        cache_dir=args.cache_dir, sampling=sampling)
       out = args.out or args.workdir
       print(runner.main_summary(results))
       print(f"report: {out}/index.html  numbers: {out}/eval.json")

@@ -89,6 +89,8 @@ def test_eval_workdir_writes_report_and_is_deterministic(tmp_path, trained_run):
   again = runner.evaluate_workdir(workdir, num_prompts=3, samples_per_prompt=2,
                                   out_dir=tmp_path / "again")
   assert again["splits"] == results["splits"]
+  with pytest.raises(ValueError, match=r"no sampling setting\(s\) \['model.guidance_scale'\]"):
+    runner.evaluate_workdir(workdir, num_prompts=1, sampling={"guidance_scale": 1.0})
 
 
 def test_eval_cli_on_a_workdir(tmp_path, trained_run):

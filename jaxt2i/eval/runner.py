@@ -63,6 +63,7 @@ def generate_images(task, params, tokenizer: Tokenizer, captions: Sequence[str],
     batch = {"tokens": jnp.asarray(t, jnp.int32), "tokens_mask": jnp.asarray(m, jnp.int32)}
     images = sample_fn(params, batch, jax.random.fold_in(jax.random.key(seed), b))
     outs.append(np.asarray(jax.device_get(images))[:n])
+    logging.info("sampled %d / %d images", start + n, len(repeated))
   return np.concatenate(outs)
 
 
@@ -147,12 +148,22 @@ def load_run(workdir: epath.PathLike, *, ema: bool = True):
 
 def evaluate_workdir(workdir: epath.PathLike, *, num_prompts: int = 16,
                      samples_per_prompt: int = 4, seed: int = 0, out_dir: epath.PathLike | None = None,
-                     cache_dir: str | None = None) -> dict[str, Any]:
+                     cache_dir: str | None = None,
+                     sampling: dict[str, Any] | None = None) -> dict[str, Any]:
   """Samples, scores and reports a trained run; writes eval.json + index.html to `out_dir`
-  (default the workdir) and returns the results."""
+  (default the workdir) and returns the results. `sampling` overrides config.model sampling
+  fields of the run (e.g. {"guidance_scale": 1.0, "num_sampling_steps": 50})."""
   from jaxt2i.data import pipeline
   start = time.perf_counter()
   config, task, params = load_run(workdir)
+  sampling = dict(sampling or {})
+  unknown = sorted(set(sampling) - set(config.model.keys()))
+  if unknown:
+    raise ValueError(f"{config.task!r} runs have no sampling setting(s) "
+                     f"{['model.' + k for k in unknown]}")
+  with config.unlocked():
+    for key, value in sampling.items():
+      config.model[key] = value
   tokenizer = pipeline.load_tokenizer(config.data)
   prompts = eval_prompts(num_prompts)
   logging.info("sampling %d prompts x %d", len(prompts), samples_per_prompt)
@@ -163,6 +174,8 @@ def evaluate_workdir(workdir: epath.PathLike, *, num_prompts: int = 16,
   splits, per_prompt = evaluate_images(images, prompts, samples_per_prompt, scorer)
   results = {"workdir": str(workdir), "task": config.task, "num_prompts": num_prompts,
              "samples_per_prompt": samples_per_prompt, "seed": seed,
+             "sampling": {k: config.model[k] for k in ("sampler", "num_sampling_steps",
+                                                       "guidance_scale") if k in config.model},
              "evaluator": str(scorer.directory), "seconds": round(time.perf_counter() - start, 1),
              "splits": splits}
   page = report.write_report(out_dir or workdir, results, per_prompt,
