@@ -112,8 +112,12 @@ def test_old_config_json_loads_with_new_defaults():
   config = tiny_config()
   values = config_lib.to_json_dict(config)
   del values["eval"]  # written before the eval section existed
+  del values["model"]["channels"]  # a model field added since
+  values["model"]["width"] = 7  # and one the run changed
   loaded = config_lib.from_json_dict(values)
   config_lib.validate(loaded)
   assert loaded.eval.shapes_prompts == 0
-  assert loaded.model.channels == config.model.channels
+  from jaxt2i.tasks.baseline import CaptionRegressionTask
+  assert loaded.model.channels == CaptionRegressionTask.default_model_config().channels
+  assert loaded.model.width == 7
   assert tuple(loaded.data.value_range) == tuple(config.data.value_range)

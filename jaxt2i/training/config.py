@@ -198,6 +198,14 @@ def from_json_dict(values: dict) -> ml_collections.ConfigDict:
 
   with config.unlocked():
     merge(config, values)
+    model = values.get("model")
+    if isinstance(model, dict):
+      # Model fields are the task's: its current defaults, overridden by what the run saved.
+      from jaxt2i.tasks.base import TASKS  # Lazy: tasks import this module.
+      task = TASKS.get(values.get("task", ""))
+      if task is not None:
+        config.model = ml_collections.ConfigDict({**task.default_model_config().to_dict(),
+                                                  **model})
   return config
 
 
