@@ -6,8 +6,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(CURDIR)/.cache/data
 # Trained shapes-v1 evaluators (the scorer) are cached here and shared by demo and tests.
 export JAXT2I_CACHE_DIR ?= $(CURDIR)/.cache/jaxt2i
-DEMO_DIR ?= workdirs/demo
-DEMO_CONFIG ?= configs/baseline_shapes.py
+WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 
 .PHONY: setup test test-slow demo bench clean
@@ -26,15 +25,21 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: no slow test collected
 
+# The demo: shapes-v1 at 64x64, the autoencoder, then the latent diffusion model on its latents,
+# then samples for the test prompts, scored. About 20 minutes on a 2-core CPU.
 demo: setup
 	JAXT2I_DATA_DIR=$(DATA_DIR) $(VENV)/bin/jaxt2i data build shapes --variant 64
 	$(VENV)/bin/jaxt2i eval train-evaluator --image_size 64
-	JAXT2I_DATA_DIR=$(DATA_DIR) $(VENV)/bin/jaxt2i train --config $(DEMO_CONFIG) --workdir $(DEMO_DIR)
-	JAXT2I_DATA_DIR=$(DATA_DIR) $(VENV)/bin/jaxt2i eval --workdir $(DEMO_DIR)
-	@echo "report: $(DEMO_DIR)/index.html  samples: $(DEMO_DIR)/samples  metrics: $(DEMO_DIR)/metrics.jsonl  tensorboard --logdir $(DEMO_DIR)"
+	JAXT2I_DATA_DIR=$(DATA_DIR) $(VENV)/bin/jaxt2i train --config configs/autoencoder_shapes.py:demo \
+	  --workdir $(WORKDIR)/autoencoder
+	JAXT2I_DATA_DIR=$(DATA_DIR) $(VENV)/bin/jaxt2i train --config configs/ldm_shapes.py:demo \
+	  --workdir $(WORKDIR)/ldm --config.model.autoencoder_workdir=$(WORKDIR)/autoencoder
+	JAXT2I_DATA_DIR=$(DATA_DIR) $(VENV)/bin/jaxt2i eval --workdir $(WORKDIR)/ldm
+	@echo "report: $(WORKDIR)/ldm/index.html  samples: $(WORKDIR)/ldm/samples  grid: $(WORKDIR)/ldm/grid_test.png  metrics: $(WORKDIR)/ldm/eval.json"
+	@echo "sample more: $(VENV)/bin/jaxt2i sample --workdir $(WORKDIR)/ldm --prompt 'a red circle above a blue square' --out grid.png"
 
 bench: setup
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) .cache workdirs .pytest_cache
+	rm -rf $(VENV) .cache workdirs runs .pytest_cache

@@ -52,6 +52,22 @@ def compile_seconds(jitted, *args) -> tuple[Any, float]:
   return compiled, time.perf_counter() - start
 
 
+def matmul_ceiling(sizes=(1024, 2048, 4096), dtype="float32", repeats: int = 5) -> dict:
+  """The machine's measured dense-matmul rate under XLA: the best FLOP/s of square [n, n] @
+  [n, n] products over `sizes` (2 n^3 FLOPs each), the denominator of model FLOP utilisation
+  on machines without a published peak (CPUs)."""
+  import jax.numpy as jnp
+  rates = {}
+  for n in sizes:
+    a = jnp.ones((n, n), dtype) * 0.5
+    b = jnp.ones((n, n), dtype) * 0.25
+    f = jax.jit(lambda x, y: x @ y)
+    timing = time_fn(lambda: jax.block_until_ready(f(a, b)), warmup=1, repeats=repeats)
+    rates[n] = 2.0 * n ** 3 / timing.min_s
+  best = max(rates, key=rates.get)
+  return {"flops_per_s": rates[best], "best_size": best, "by_size": rates, "dtype": dtype}
+
+
 def environment() -> dict:
   cpu = platform.processor()
   try:

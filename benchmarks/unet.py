@@ -159,6 +159,7 @@ def main():
   n_params = sum(p.numel() for p in reference.parameters())
 
   load_before = os.getloadavg()[0]
+  ceiling = harness.matmul_ceiling()
   ours_fns, info = jax_steps(model, params, inputs)
   theirs_fns = torch_steps(reference, inputs)
   ours, theirs = {}, {}
@@ -188,6 +189,12 @@ def main():
         f"{gflops:.1f} GFLOP ({gflops / ours['train'].median_s:.0f} GFLOP/s at the median); "
         f"sampling step {info['sample_flops'] / 1e9:.1f} GFLOP, compile "
         f"{info['sample_compile_s']:.1f} s. Goal: ours <= 1.0x PyTorch.\n\n"
+        f"Model FLOP utilisation: the measured XLA float32 matmul ceiling of this machine is "
+        f"{ceiling['flops_per_s'] / 1e9:.0f} GFLOP/s (best of square matmuls "
+        f"{', '.join(f'{n}: {r / 1e9:.0f}' for n, r in ceiling['by_size'].items())}); the "
+        f"train step runs at {gflops / ours['train'].median_s:.0f} GFLOP/s, "
+        f"**{info['train_flops'] / ours['train'].median_s / ceiling['flops_per_s']:.0%} of it** "
+        f"(sampling step {info['sample_flops'] / ours['sample'].median_s / ceiling['flops_per_s']:.0%}).\n\n"
         f"1-minute load average before / after: {load_before:.2f} / {load_after:.2f} (this "
         "run's own threads included). Other processes on the 2 cores slow both frameworks, "
         "PyTorch's OpenMP threads far more than XLA's work-stealing pool, so a loaded run "
@@ -201,6 +208,9 @@ def main():
           "ratio_sample": ours["sample"].median_s / theirs["sample"].median_s,
           "ratio_train_of_minima": ours["train"].min_s / theirs["train"].min_s,
           "ratio_sample_of_minima": ours["sample"].min_s / theirs["sample"].min_s,
+          "matmul_ceiling": ceiling,
+          "mfu_train": info["train_flops"] / ours["train"].median_s / ceiling["flops_per_s"],
+          "mfu_sample": info["sample_flops"] / ours["sample"].median_s / ceiling["flops_per_s"],
           "load_average_before_after": [load_before, load_after]}
   if args.no_record:
     print(md)
