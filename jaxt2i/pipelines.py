@@ -50,7 +50,7 @@ class Pipeline:
       enable_compilation_cache()
     self.workdir = epath.Path(workdir)
     self.config, self.task, params = load_run(self.workdir, ema=ema)
-    self.tokenizer = data_pipeline.load_tokenizer(self.config.data)
+    self.tokenizer = data_pipeline.load_tokenizer(self.config.data, self.workdir)
     self.max_length = int(self.config.data.max_caption_length)
     self.mesh = mesh_lib.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
     self._replicated = NamedSharding(self.mesh, PartitionSpec())

@@ -223,6 +223,11 @@ def test_checkpoint_items_and_workdir_layout(tmp_path, tok):
   assert json.loads((tmp_path / "config.json").read_text())["task"] == "caption_regression"
   assert list((tmp_path / "tensorboard").iterdir())
   assert list((tmp_path / "samples").glob("samples_*.png"))
+  # The run's own tokenizer copy: sampling needs neither the data nor the tokenizer cache.
+  assert (tmp_path / "tokenizer.model").read_bytes() == tok.model_proto
+  from jaxt2i.data import pipeline
+  config.data.tokenizer = "/nowhere/tok.model"
+  assert pipeline.load_tokenizer(config.data, tmp_path).model_proto == tok.model_proto
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -19,6 +19,7 @@ from absl import flags
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from jaxt2i.data import builders
@@ -85,7 +86,16 @@ class InMemorySource:
     return f"InMemorySource({self.name!r}, {len(self.records)} records)"
 
 
-def load_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
+# A training run's copy of its tokenizer, in its workdir.
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def load_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: Any = None) -> Tokenizer:
+  """The run's own copy (workdir/tokenizer.model) when there is one, else data.tokenizer, else
+  the one trained on (and cached for) the data set's captions."""
+  if workdir is not None and (epath.Path(workdir) / TOKENIZER_FILE).exists():
+    path = epath.Path(workdir) / TOKENIZER_FILE
+    return Tokenizer(path.read_bytes(), path=str(path))
   if data_cfg.tokenizer:
     return Tokenizer.load(data_cfg.tokenizer)
   return tokenizer_for_dataset(data_cfg.name, data_dir=data_cfg.data_dir or None,

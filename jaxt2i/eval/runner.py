@@ -164,7 +164,7 @@ def evaluate_workdir(workdir: epath.PathLike, *, num_prompts: int = 16,
   with config.unlocked():
     for key, value in sampling.items():
       config.model[key] = value
-  tokenizer = pipeline.load_tokenizer(config.data)
+  tokenizer = pipeline.load_tokenizer(config.data, workdir)
   prompts = eval_prompts(num_prompts)
   logging.info("sampling %d prompts x %d", len(prompts), samples_per_prompt)
   images = generate_images(task, params, tokenizer, [c for _, c in prompts],
