@@ -45,13 +45,14 @@ def get_config(arg: str | None = None):
       config.model.kind = "vq"
       config.model.num_codes = 512
   elif variant == "demo":
-    # ~6 minutes on a 2-core CPU. The PatchGAN matters even here: it turns blurred corners
-    # back into squares and triangles the shapes-v1 scorer recognises.
-    config.train.num_steps = 500
+    # ~5 minutes on a 2-core CPU (1.4 steps/s), reconstruction alone (the discriminator adds
+    # ~40% per step): PSNR ~27 dB. The reference's PatchGAN phase is what turns blurred
+    # corners back into squares and triangles the shapes-v1 scorer recognises.
+    config.train.num_steps = 400
     config.train.log_every = 50
-    config.train.eval_every = 500
+    config.train.eval_every = 400
     config.optim.warmup_steps = 50
-    config.model.disc_start = 300
+    config.model.disc_weight = 0.0
   elif variant == "tiny":
     config.data.name = "shapes_v1/tiny"
     config.data.image_size = 32
