@@ -36,13 +36,15 @@ from jaxt2i.eval import shapes as shapes_eval  # noqa: E402
 
 
 def training_time(workdir: Path) -> dict:
-  """Training wall time from metrics.jsonl (`time` of the first and last train log lines; the
-  steps before the first line at that interval's rate), eval hooks included, compile not."""
+  """Training time from metrics.jsonl: the sum over log intervals of steps / steps-per-second
+  (eval hooks included, compilation and pauses between resumed processes not)."""
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   train = [l for l in lines if "train/loss" in l]
-  first, last = train[0], train[-1]
-  seconds = last["time"] - first["time"] + first["step"] / first["perf/steps_per_s"]
-  return {"steps": last["step"], "minutes": seconds / 60,
+  seconds, previous = 0.0, 0
+  for line in train:
+    seconds += (line["step"] - previous) / line["perf/steps_per_s"]
+    previous = line["step"]
+  return {"steps": train[-1]["step"], "minutes": seconds / 60,
           "steps_per_s": float(np.median([l["perf/steps_per_s"] for l in train]))}
 
 
