@@ -1,6 +1,6 @@
 """Foundation benchmarks, each compared with a baseline measured in the same run.
 
-  python benchmarks/run.py [trainer_overhead] [input_pipeline] [--steps N] [--data_dir DIR]
+  python benchmarks/run.py [trainer_overhead] [input_pipeline] [matmul_ceiling] [--steps N]
 
 trainer_overhead: steps/s of `Trainer.train` (host loop: batch assembly, metrics, divergence
   and checkpoint checks) against a bare loop of the same compiled step fed the same numpy
@@ -8,6 +8,8 @@ trainer_overhead: steps/s of `Trainer.train` (host loop: batch assembly, metrics
 input_pipeline: examples/s of the grain loader on shapes_v1/64 (decode, scale, tokenize,
   batch) against the examples/s that training the default model consumes: the `make demo`
   latent diffusion recipe (configs/ldm_shapes.py:demo, its first stage at random weights).
+matmul_ceiling: the best float32 matmul FLOP/s XLA reaches here, the denominator of model FLOP
+  utilisation on a CPU (no published peak), and the MFU of the last recorded U-Net step.
 """
 
 from __future__ import annotations
@@ -165,6 +167,31 @@ def input_pipeline(args, step_examples_per_s: float | None) -> dict:
   return data
 
 
+def matmul_ceiling(args) -> dict:
+  """The XLA float32 matmul ceiling of this machine, and the model FLOP utilisation it implies
+  for the last recorded U-Net step (benchmarks/unet.py measures both in one run)."""
+  import json
+  ceiling = harness.matmul_ceiling()
+  rate = ceiling["flops_per_s"]
+  md = (f"Best of square float32 matmuls under XLA, 2 n^3 FLOPs each, minimum of 5: **"
+        f"{rate / 1e9:.0f} GFLOP/s** (" + ", ".join(
+            f"n={n}: {r / 1e9:.0f}" for n, r in ceiling["by_size"].items()) + " GFLOP/s); "
+        f"1-minute load average {os.getloadavg()[0]:.2f}.\n")
+  unet = harness.RESULTS_DIR / "unet_step.json"
+  if unet.exists():
+    u = json.loads(unet.read_text())["jaxt2i"]
+    train = u["train_flops"] / u["train"]["median_s"]
+    sample = u["sample_flops"] / u["sample"]["median_s"]
+    md += (f"\nThe recorded U-Net step (unet_step, an earlier run on this machine): train "
+           f"{train / 1e9:.0f} GFLOP/s = **{train / rate:.0%} of the ceiling**, sampling "
+           f"{sample / 1e9:.0f} GFLOP/s = {sample / rate:.0%}. Its convolutions have 64-256 "
+           "channels and its attention heads 8-16 values: far smaller operands than the "
+           "ceiling's matmuls.\n")
+    ceiling.update(unet_train_mfu=train / rate, unet_sample_mfu=sample / rate)
+  harness.record("matmul_ceiling", "python benchmarks/run.py matmul_ceiling", md, ceiling)
+  return ceiling
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -182,6 +209,8 @@ def main():
     trainer_overhead(args)
   if "input_pipeline" in args.which:
     input_pipeline(args, default_model_rate(args))
+  if "matmul_ceiling" in args.which:
+    matmul_ceiling(args)
 
 
 if __name__ == "__main__":
