@@ -45,8 +45,8 @@ def get_config(arg: str | None = None):
       config.model.kind = "vq"
       config.model.num_codes = 512
   elif variant == "demo":
-    # ~5 minutes on a 2-core CPU (1.4 steps/s), reconstruction alone (the discriminator adds
-    # ~40% per step): PSNR ~27 dB. The reference's PatchGAN phase is what turns blurred
+    # ~5 minutes on a 2-core CPU (1.4 steps/s), reconstruction alone (the discriminator makes
+    # a step ~30% slower): PSNR ~27 dB. The reference's PatchGAN phase is what turns blurred
     # corners back into squares and triangles the shapes-v1 scorer recognises.
     config.train.num_steps = 400
     config.train.log_every = 50
