@@ -199,6 +199,35 @@ def test_state_updates_replace_what_the_optimizer_made(tmp_path, tok):
   assert not any("state_updates" in l for l in (tmp_path / "run" / "metrics.jsonl").open())
 
 
+def test_resume_reads_derived_fields_back(tmp_path, tok):
+  """Fields Task.prepare derives from data (an LDM's latent scale) are not derived again on
+  resume, where the first batch may differ: they come back from the run's config.json."""
+
+  class DerivedTask(CaptionRegressionTask):
+    derived_fields = ("derived",)
+    calls = 0
+
+    @classmethod
+    def default_model_config(cls):
+      m = super().default_model_config()
+      m.derived = 0.0
+      return m
+
+    def prepare(self, batch):
+      if not self.config.model.derived:
+        DerivedTask.calls += 1
+        self.config.model.derived = float(DerivedTask.calls)
+
+  for steps in (2, 4):  # the second run resumes the first
+    config = tiny_config(**{"train.num_steps": steps, "mesh.data": 1})
+    with config.unlocked():
+      config.model.derived = 0.0
+    trainer, _ = run(config, tmp_path, tok, jax.devices()[:1], task=DerivedTask(config))
+    assert trainer.config.model.derived == 1.0
+  assert DerivedTask.calls == 1
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["derived"] == 1.0
+
+
 def test_grad_accumulation_matches_full_batch(tmp_path, tok):
   base = {"train.num_steps": 2, "mesh.data": 2, "optim.name": "sgd", "optim.b1": 0.0,
           "optim.grad_clip_norm": 0.0}

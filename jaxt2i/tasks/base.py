@@ -62,6 +62,11 @@ class Task(abc.ABC):
   # Top-level param subtrees the optimizer never updates (e.g. a frozen first stage).
   frozen_keys: tuple[str, ...] = ()
 
+  # Model fields `prepare` derives from data (e.g. a latent scale): a resumed run reads them
+  # back from its config.json instead of deriving them again (its first batch may differ,
+  # e.g. on another number of hosts).
+  derived_fields: tuple[str, ...] = ()
+
   def prepare(self, batch: Batch) -> None:
     """Called once before the first init with a preprocessed (host) batch: derive config
     fields from data or other runs. The config is written to the workdir afterwards."""

@@ -47,6 +47,7 @@ def autoencoder_from_config(model_cfg: Any, dtype: Any = jnp.float32) -> Autoenc
 @register
 class LatentDiffusionTask(Task):
   name = "latent_diffusion"
+  derived_fields = ("latent_scale",)
 
   @classmethod
   def default_model_config(cls) -> ml_collections.ConfigDict:

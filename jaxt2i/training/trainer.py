@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import json
 import logging
 import os
 import signal
@@ -327,6 +328,7 @@ class Trainer:
       data_iter = iter(batches)
       first_local = next(data_iter)
       data_iter = itertools.chain([first_local], data_iter)
+    self._restore_derived_fields()
     self.task.prepare(first_local)
     if jax.process_index() == 0:
       # After `prepare`, which may fill derived fields (e.g. a latent scale).
@@ -394,6 +396,18 @@ class Trainer:
       watcher.close()
       self.checkpointer.wait()
       self.writer.flush()
+
+  def _restore_derived_fields(self) -> None:
+    """On resume, Task.derived_fields come from the run's config.json, as first derived."""
+    saved = self.workdir / "config.json"
+    if (not self.task.derived_fields or self.checkpointer.latest_step() is None
+        or not saved.exists()):
+      return
+    model = json.loads(saved.read_text()).get("model", {})
+    with self.config.unlocked():
+      for field in self.task.derived_fields:
+        if field in model:
+          self.config.model[field] = model[field]
 
   def _check_divergence(self, metrics: Mapping[str, jax.Array] | None) -> None:
     if metrics is None:
