@@ -37,11 +37,17 @@ always see every text token, and among image tokens `pattern` keeps:
 `pattern_mask` builds the dense boolean mask of each pattern (the reference, also the mask
 rows that KV-cache decoding uses). `sparse_attention` computes the same numbers without the
 masked-out blocks: image queries are grouped by row (for `column`, by column: the paper's
-transposed image states), and each group attends to [text keys + its own row's keys] or, for
-`conv`, to [text keys + a halo of the kernel_h // 2 rows above it], under the small mask of
-that block; text queries attend causally to text. The blocks run on the dense path's
-backends (the einsum backend takes them in its heads-first layout, the jax.nn backends in
-theirs), with the same float32 softmax and, on CPU, the same flash-style gradient.
+transposed image states), and each group attends to the text keys and its own row's keys
+(for `conv`, also the kernel_h // 2 rows above it); text queries attend causally to text.
+On the einsum backend one softmax spans separate parts: the logits of all image queries
+against the shared text keys (one matmul, not a copy of the text keys per row) and, for each
+row offset o = 0 .. kernel_h // 2, against the row o above (one padded copy of the keys,
+sliced per offset, rather than a halo gathered per row), each under a static [G, n, n]
+mask; the parts share the row maximum and sum, and a flash-style gradient recomputes them.
+Gathering [text + halo] key blocks per row instead copies every key ~7 times for conv and
+runs narrow [n, T + K] matmuls; on the 2-core benchmark machine that made conv at 32 x 32
+slower than dense masked attention, and the parts run it ~2x faster than dense. The jax.nn
+backends take the gathered blocks ([B * G, T + K, H, D]) under each block's mask.
 `CausalSelfAttention` is the Linen module over it, with a static-shaped key/value cache for
 one-token-at-a-time decoding.
 """
@@ -438,6 +444,155 @@ def _key_blocks(x: jax.Array, text_len: int, grid: tuple[int, int], halo: int,
   return jnp.concatenate(parts, axis=3)
 
 
+def _local_masks(halo: int, groups: int, width: int, band: int) -> np.ndarray:
+  """[halo + 1, G, n, n] bool, static: which keys of the row `o` rows above (o = 0 .. halo)
+  a query of row r may see, by (o, r, query column, key column). Within its own row a query
+  sees the columns up to its own; above it, those within `band` of its own (the conv
+  window's half-width; `width` for row and column, which have no rows above), and nothing
+  above the image (r < o)."""
+  query, key = np.arange(width)[:, None], np.arange(width)[None, :]
+  near = np.abs(key - query) <= band
+  rows = np.arange(groups)[:, None, None]
+  return np.stack([np.broadcast_to(near & (key <= query), (groups, width, width)) if o == 0
+                   else near & (rows >= o) for o in range(halo + 1)])
+
+
+def _above(x, halo):
+  """x [..., G, n, D] -> a function of a part (row offsets o, `_offset_parts`) giving, for
+  each row, the keys of the rows o above it side by side ([..., G, len(part) * n, D], zeros
+  above the image): slices of one padded copy, not a halo gathered per row."""
+  groups = x.shape[-3]
+  if halo:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(halo, 0), (0, 0), (0, 0)])
+
+  def rows(part):
+    slices = [x[..., halo - o:halo - o + groups, :, :] for o in part]
+    return slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-2)
+  return rows
+
+
+# Image keys per matmul of `_rows_logits`. Narrow rows: one [n, n] matmul per row offset
+# is slow on XLA:CPU (16-wide rows: ~1.3x the forward + backward time of 48-96 keys); wide
+# ones: one [n, 6 n] matmul over the whole conv halo is ~10% slower than three [n, 2 n]
+# (32-wide rows). Measured for conv 11 x 11 on the 2-core benchmark machine, 16 .. 192 keys.
+OFFSET_PART_KEYS = 64
+
+
+def _offset_parts(halo, width):
+  """Row offsets 0 .. halo in parts of consecutive offsets, whose keys one matmul takes:
+  about OFFSET_PART_KEYS keys each (for narrow rows, a part of several rows' keys)."""
+  size = max(1, OFFSET_PART_KEYS // width)
+  return [tuple(range(o, min(o + size, halo + 1))) for o in range(0, halo + 1, size)]
+
+
+def _rows_logits(q, kt, k_above, local, precision):
+  """The logits of image queries q [..., G, n, D] (pre-scaled), in parts: against the text
+  keys kt [..., T, D] ([..., G, n, T], one matmul for all rows: the text keys are shared,
+  never copied per row) and, for each part of the row offsets 0 .. halo, against the keys of
+  those rows above (`_above`; [..., G, n, len(part) * n], masked with finfo.min)."""
+  halo, band = local
+  masks = _local_masks(halo, *q.shape[-3:-1], band)
+  text = jnp.einsum("...gqd,...td->...gqt", q, kt, precision=precision,
+                    preferred_element_type=jnp.float32)
+  rows = [jnp.where(np.concatenate([masks[o] for o in part], axis=-1), jnp.einsum(
+      "...gqd,...gkd->...gqk", q, k_above(part), precision=precision,
+      preferred_element_type=jnp.float32), jnp.finfo(jnp.float32).min)
+          for part in _offset_parts(halo, q.shape[-2])]
+  return text, rows
+
+
+def _rows_forward_step(q, kt, vt, k, v, local, precision):
+  """Image queries' attention over the parts of `_rows_logits`, which one softmax spans
+  through a shared row maximum and sum, and its statistics (row max, 1 / row sum:
+  [..., G, n])."""
+  text, rows = _rows_logits(q, kt, _above(k, local[0]), local, precision)
+  # Every query sees itself: the maximum is finite.
+  peak = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in rows])
+  if text.shape[-1]:
+    peak = jnp.maximum(peak, jnp.max(text, axis=-1, keepdims=True))
+  weights = jnp.exp(text - peak)
+  total = jnp.sum(weights, axis=-1, keepdims=True)
+  out = jnp.einsum("...gqt,...td->...gqd", weights, vt.astype(jnp.float32), precision=precision)
+  v_above = _above(v.astype(jnp.float32), local[0])
+  for part, x in zip(_offset_parts(local[0], q.shape[-2]), rows):
+    weights = jnp.exp(x - peak)
+    total = total + jnp.sum(weights, axis=-1, keepdims=True)
+    out = out + jnp.einsum("...gqk,...gkd->...gqd", weights, v_above(part),
+                           precision=precision)
+  inv_total = 1.0 / total
+  return (out * inv_total).astype(v.dtype), (peak[..., 0], inv_total[..., 0])
+
+
+def _rows_backward_step(q, kt, vt, k, v, out, stats, dout, local, precision):
+  """(dq, dkt^T, dvt^T, dk^T, dv^T) in float32 for `_rows_forward_step`, recomputing the
+  probabilities from `stats`; key gradients transposed as `_backward_step`'s."""
+  q, kt, vt, k, v, out, dout = (x.astype(jnp.float32) for x in (q, kt, vt, k, v, out, dout))
+  peak, inv_total = (x[..., None] for x in stats)
+  delta = jnp.sum(dout * out, axis=-1, keepdims=True)  # rowsum(p * dp)
+  k_above, v_above = _above(k, local[0]), _above(v, local[0])
+  text, rows = _rows_logits(q, kt, k_above, local, precision)
+  p = jnp.exp(text - peak) * inv_total
+  ds = p * (jnp.einsum("...gqd,...td->...gqt", dout, vt, precision=precision) - delta)
+  dq = jnp.einsum("...gqt,...td->...gqd", ds, kt, precision=precision)
+  dkt_t = jnp.einsum("...gqd,...gqt->...dt", q, ds, precision=precision)
+  dvt_t = jnp.einsum("...gqd,...gqt->...dt", dout, p, precision=precision)
+  dk_t = dv_t = 0.0
+  width = q.shape[-2]
+
+  def to_keys(x, part):
+    """[..., G, D, len(part) * n]: per query row r, the gradients of key rows r - o -> the
+    sum over the part's offsets o, each moved to its key row."""
+    total = 0.0
+    for i, o in enumerate(part):
+      y = x[..., i * width:(i + 1) * width]
+      if o:
+        y = jnp.pad(y[..., o:, :, :], [(0, 0)] * (y.ndim - 3) + [(0, o), (0, 0), (0, 0)])
+      total = total + y
+    return total
+  for part, x in zip(_offset_parts(local[0], width), rows):
+    # Masked logits are finfo.min: p is exactly 0 there, and so is ds.
+    p = jnp.exp(x - peak) * inv_total
+    ds = p * (jnp.einsum("...gqd,...gkd->...gqk", dout, v_above(part), precision=precision)
+              - delta)
+    dq = dq + jnp.einsum("...gqk,...gkd->...gqd", ds, k_above(part), precision=precision)
+    dk_t = dk_t + to_keys(jnp.einsum("...gqd,...gqk->...gdk", q, ds, precision=precision),
+                          part)
+    dv_t = dv_t + to_keys(jnp.einsum("...gqd,...gqk->...gdk", dout, p, precision=precision),
+                          part)
+  return dq, dkt_t, dvt_t, dk_t, dv_t
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _rows_flash(q, kt, vt, k, v, local, precision):
+  """Image queries' attention (`_rows_forward_step`) over [P, G, n, D] groups, a cache-sized
+  step of pairs at a time, with the flash-style gradient of `_flash`."""
+  return _rows_flash_forward(q, kt, vt, k, v, local, precision)[0]
+
+
+def _rows_group(q, kt, local):
+  pairs, groups, width, _ = q.shape
+  return _plan(pairs, groups * width, kt.shape[1] + (local[0] + 1) * width)[0]
+
+
+def _rows_flash_forward(q, kt, vt, k, v, local, precision):
+  out, stats = _map_pairs(lambda a: _rows_forward_step(*a, local, precision),
+                          _rows_group(q, kt, local), (q, kt, vt, k, v))
+  return out, (q, kt, vt, k, v, out, stats)
+
+
+def _rows_flash_backward(local, precision, residuals, dout):
+  q, kt, vt, k, v, out, stats = residuals
+  dq, dkt_t, dvt_t, dk_t, dv_t = _map_pairs(
+      lambda a: _rows_backward_step(*a, local, precision), _rows_group(q, kt, local),
+      (q, kt, vt, k, v, out, stats, dout))
+  return (dq.astype(q.dtype), jnp.swapaxes(dkt_t, -1, -2).astype(kt.dtype),
+          jnp.swapaxes(dvt_t, -1, -2).astype(vt.dtype),
+          jnp.swapaxes(dk_t, -1, -2).astype(k.dtype), jnp.swapaxes(dv_t, -1, -2).astype(v.dtype))
+
+
+_rows_flash.defvjp(_rows_flash_forward, _rows_flash_backward)
+
+
 def _attend_heads_first(q, k, v, mask, implementation, precision):
   """Attention over q [B, H, *G, Lq, D], k / v [B, H, *G, Lk, D] with a static boolean mask
   broadcastable to [B, H, *G, Lq, Lk]: the einsum backend takes this layout as it is; the
@@ -491,17 +646,29 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, pattern: str, 
     return dot_product_attention(q, k, v, mask=pattern_mask(pattern, text_len, grid),
                                  implementation=implementation, precision=precision)
   batch, _, heads, dim = q.shape
-  halo, mask = _image_blocks(pattern, text_len, grid, size)
-  # Heads first, once: the blocks below are built in the layout the einsum backend computes
-  # in. Building [B, L, H, D] blocks and transposing them instead moves every duplicated
-  # (halo, text) key three times, which costs conv attention most of its FLOP saving on a CPU.
-  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-  qi = q[:, :, text_len:].reshape(batch, heads, *grid, dim)
   column = pattern == "column"
-  if column:  # columns become rows: the paper's transposed image states
-    qi = jnp.swapaxes(qi, 2, 3)
-  ki, vi = (_key_blocks(x, text_len, grid, halo, column) for x in (k, v))
-  out = _attend_heads_first(qi, ki, vi, mask, implementation, precision)
+  # Heads first, once: the einsum backend computes in this layout. Building [B, L, H, D]
+  # blocks and transposing them instead would move every key (and, for the jax.nn backends,
+  # every duplicated halo and text key) three times.
+  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+
+  def image_rows(x):  # [B, H, L, D] -> [B, H, G, n, D]; columns become rows for `column`
+    x = x[:, :, text_len:].reshape(batch, heads, *grid, dim)
+    return jnp.swapaxes(x, 2, 3) if column else x  # the paper's transposed image states
+  if resolve_implementation(implementation, q, k) == "einsum":
+    groups, width = (grid[1], grid[0]) if column else grid
+    local = ((min(size[0] // 2, groups - 1), size[1] // 2) if pattern == "conv"
+             else (0, width))
+    scaled = q * jnp.asarray(1.0 / np.sqrt(dim), q.dtype)
+    qi, ki, vi = (image_rows(x).reshape(batch * heads, groups, width, dim)
+                  for x in (scaled, k, v))
+    kt, vt = (x[:, :, :text_len].reshape(batch * heads, text_len, dim) for x in (k, v))
+    out = _rows_flash(qi, kt, vt, ki, vi, local, precision).reshape(
+        batch, heads, groups, width, dim)
+  else:
+    halo, mask = _image_blocks(pattern, text_len, grid, size)
+    ki, vi = (_key_blocks(x, text_len, grid, halo, column) for x in (k, v))
+    out = _attend_heads_first(image_rows(q), ki, vi, mask, implementation, precision)
   if column:
     out = jnp.swapaxes(out, 2, 3)
   out = out.reshape(batch, heads, -1, dim)
