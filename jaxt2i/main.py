@@ -9,6 +9,7 @@
   jaxt2i eval train-evaluator [--image_size 64] [--force]
   jaxt2i eval fid --images A --reference B --inception_weights FILE
   jaxt2i sample --workdir DIR --prompt "..." [--prompt ...] [--out grid.png]
+  jaxt2i convert dall-e-dvae --encoder encoder.pkl --decoder decoder.pkl --out DIR
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ commands:
              (re)train the cached scorer:  jaxt2i eval train-evaluator --image_size 64
              Inception FID between two image sets:  jaxt2i eval fid --images A --reference B
                --inception_weights pt_inception-2015-12-05-6726825d.pth
+  convert    published weights -> a jaxt2i run directory (local files only):
+               jaxt2i convert dall-e-dvae --encoder encoder.pkl --decoder decoder.pkl --out DIR
 
 `jaxt2i COMMAND --help` explains each command's options.
 """
@@ -272,7 +275,33 @@ def _sample(argv: list[str]) -> None:
     sys.exit(f"jaxt2i sample: {e}")
 
 
-COMMANDS = {"train": _train, "data": _data, "eval": _eval, "sample": _sample}
+def _convert(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(prog="jaxt2i convert", description="Convert published "
+                                   "weights (local files) into a jaxt2i run directory.")
+  sub = parser.add_subparsers(dest="kind", required=True)
+  dalle = sub.add_parser(
+      "dall-e-dvae", help="OpenAI's DALL-E discrete VAE (the dall_e package's pickles)",
+      description="Writes DIR as a 'dvae' run (config.json + checkpoint) from the dall_e "
+      "package's encoder.pkl and decoder.pkl; the DALL-E task reads it through "
+      "model.dvae_workdir. The pickles are unpickled: convert only files you trust.")
+  dalle.add_argument("--encoder", required=True, help="encoder.pkl (or its state_dict .pt)")
+  dalle.add_argument("--decoder", required=True, help="decoder.pkl (or its state_dict .pt)")
+  dalle.add_argument("--out", required=True, help="the run directory to write (must be new)")
+  dalle.add_argument("--image_size", type=int, default=256,
+                     help="config.data.image_size of the run (the published model: 256)")
+  args = parser.parse_args(argv)
+  _quiet_logs(False)
+  try:
+    from jaxt2i.convert.dall_e import convert_dall_e_dvae
+    summary = convert_dall_e_dvae(args.encoder, args.decoder, args.out,
+                                  image_size=args.image_size)
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    sys.exit(f"jaxt2i convert {args.kind}: {e}")
+  print(json.dumps(summary, indent=2))
+
+
+COMMANDS = {"train": _train, "data": _data, "eval": _eval, "sample": _sample,
+            "convert": _convert}
 
 
 def run(argv: list[str] | None = None) -> None:

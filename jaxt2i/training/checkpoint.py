@@ -140,3 +140,23 @@ def restore_params(directory: epath.PathLike, abstract_params: Any, *, step: int
     return restored[name]
   finally:
     manager.close()
+
+
+def save_params(directory: epath.PathLike, params: Any, config: dict | None = None, *,
+                step: int = 0) -> None:
+  """Writes `params` (numpy or jax arrays) as checkpoint `step` of `directory`, in the
+  trainer's layout, so `restore_params` (and so `load_run`) reads it like a trained run's:
+  how converted weights become a run. It holds no optimizer state, so a run cannot resume
+  training from it."""
+  import os
+  directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
+  items = {"params": ocp.args.StandardSave(params)}
+  if config is not None:
+    items["config"] = ocp.args.JsonSave(config)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=False))
+  try:
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
