@@ -154,6 +154,17 @@ def _quiet_logs(verbose: bool) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def _autoregressive_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--temperature", type=float, default=None,
+                      help="DALL-E: softmax temperature (default: config.model.temperature)")
+  parser.add_argument("--top_k", type=int, default=None,
+                      help="DALL-E: sample among the k likeliest tokens (0: all)")
+  parser.add_argument("--top_p", type=float, default=None,
+                      help="DALL-E: nucleus sampling mass (1: off)")
+  parser.add_argument("--num_candidates", type=int, default=None,
+                      help="DALL-E with CLIP: images drawn per prompt, the CLIP-best kept")
+
+
 def _eval(argv: list[str]) -> None:
   actions = ("shapes", "train-evaluator", "fid")
   if argv and argv[0] in actions:
@@ -179,6 +190,7 @@ def _eval(argv: list[str]) -> None:
                         help="diffusion: sampling steps (default: config.model.num_sampling_steps)")
     parser.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpmpp_2m"],
                         help="diffusion: sampler (default: config.model.sampler)")
+    _autoregressive_flags(parser)
   elif action == "shapes":
     parser.description = ("Scores images against their shapes-v1 captions: fraction fully "
                           "correct and per-attribute accuracy.")
@@ -208,7 +220,10 @@ def _eval(argv: list[str]) -> None:
     if action == "run":
       sampling = {k: v for k, v in (("guidance_scale", args.guidance_scale),
                                     ("num_sampling_steps", args.steps),
-                                    ("sampler", args.sampler)) if v is not None}
+                                    ("sampler", args.sampler),
+                                    ("temperature", args.temperature), ("top_k", args.top_k),
+                                    ("top_p", args.top_p),
+                                    ("num_candidates", args.num_candidates)) if v is not None}
       results = runner.evaluate_workdir(args.workdir, num_prompts=args.num_prompts,
                                         samples_per_prompt=args.samples_per_prompt,
                                         seed=args.seed, out_dir=args.out,
@@ -257,6 +272,7 @@ def _sample(argv: list[str]) -> None:
   parser.add_argument("--guidance_scale", type=float, default=None)
   parser.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpmpp_2m"])
   parser.add_argument("--negative_prompt", default=None)
+  _autoregressive_flags(parser)
   parser.add_argument("--verbose", action="store_true")
   args = parser.parse_args(argv)
   _quiet_logs(args.verbose)
@@ -268,7 +284,10 @@ def _sample(argv: list[str]) -> None:
     pipe = jaxt2i.load(args.workdir)
     images = pipe(args.prompt, num_images_per_prompt=args.num_images, seed=args.seed,
                   steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
-                  negative_prompt=args.negative_prompt, output="np")
+                  negative_prompt=args.negative_prompt, output="np",
+                  num_candidates=args.num_candidates,
+                  **{k: getattr(args, k) for k in ("temperature", "top_k", "top_p")
+                     if getattr(args, k) is not None})
     Image.fromarray(image_grid(images, columns=args.num_images)).save(args.out)
     print(f"{len(images)} images -> {args.out}")
   except (ValueError, FileNotFoundError) as e:

@@ -12,6 +12,7 @@ the first one's compilations. Batches are split over the devices of the `data` m
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import warnings
@@ -27,6 +28,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxt2i.data import pipeline as data_pipeline
 from jaxt2i.eval.runner import load_run
 from jaxt2i.parallel import mesh as mesh_lib
+
+
+# Arguments of Task.generate the pipeline itself fills in.
+_FIXED_ARGUMENTS = frozenset({"self", "params", "tokens", "mask", "rng", "guidance_scale",
+                              "num_steps", "sampler", "eta", "negative_tokens", "negative_mask",
+                              "latents", "num_candidates", "keep"})
 
 
 def enable_compilation_cache(directory: str | None = None) -> str:
@@ -76,31 +83,45 @@ class Pipeline:
 
   # -- sampling --------------------------------------------------------------------------------
 
-  def _program(self, batch: int, sampler: str | None, with_latents: bool):
-    key = (batch, sampler, with_latents)
+  def _program(self, batch: int, sampler: str | None, with_latents: bool, guided: bool,
+               options: tuple[str, ...], num_candidates: int, keep: int):
+    key = (batch, sampler, with_latents, guided, options, num_candidates, keep)
     if key not in self._compiled:
       task = self.task
+      ranked = {"num_candidates": num_candidates, "keep": keep} if num_candidates > 1 else {}
 
-      def run(params, tokens, mask, neg_tokens, neg_mask, rng, scale, steps, eta, latents):
+      def run(params, tokens, mask, neg_tokens, neg_mask, rng, scale, steps, eta, latents,
+              extra):
         if hasattr(task, "generate"):
-          return task.generate(params, tokens, mask, rng, guidance_scale=scale, num_steps=steps,
+          return task.generate(params, tokens, mask, rng,
+                               guidance_scale=scale if guided else None, num_steps=steps,
                                sampler=sampler, eta=eta, negative_tokens=neg_tokens,
                                negative_mask=neg_mask,
-                               latents=latents if with_latents else None)
+                               latents=latents if with_latents else None, **extra, **ranked)
         return task.sample(params, {"tokens": tokens, "tokens_mask": mask}, rng)
 
       self._compiled[key] = jax.jit(run, out_shardings=self._replicated)
     return self._compiled[key]
 
+  def _generate_options(self) -> set[str]:
+    generate = getattr(self.task, "generate", None)
+    return set(inspect.signature(generate).parameters) if generate else set()
+
   def __call__(self, prompts: str | Sequence[str], *, num_images_per_prompt: int = 1,
                seed: int = 0, steps: int | None = None, guidance_scale: float | None = None,
                sampler: str | None = None, eta: float = 0.0,
                negative_prompt: str | Sequence[str] | None = None,
-               latents: np.ndarray | None = None, output: str = "pil"):
+               latents: np.ndarray | None = None, output: str = "pil",
+               num_candidates: int | None = None, rerank: int | None = None,
+               **options: float):
     """Images for `prompts` (prompt-major: all samples of the first prompt first).
 
     `latents`: the initial noise [N, h, w, c] (NHWC), like diffusers' pipelines; `output`:
     "pil" (list of PIL images) or "np" (uint8 [N, H, W, 3]).
+    `num_candidates=N, rerank=K` (runs with a CLIP model, e.g. DALL-E): draw N images per
+    prompt and return the K best by CLIP score, best first (K defaults to
+    num_images_per_prompt). Further keyword settings go to the model's sampler as traced
+    numbers, e.g. temperature, top_k, top_p for DALL-E.
     """
     if isinstance(prompts, str):
       prompts = [prompts]
@@ -112,6 +133,28 @@ class Pipeline:
     m = self.config.model
     steps = int(steps if steps is not None else m.get("num_sampling_steps", 1))
     scale = float(guidance_scale if guidance_scale is not None else m.get("guidance_scale", 1.0))
+    accepted = self._generate_options()
+    unknown = sorted(set(options) - (accepted - _FIXED_ARGUMENTS))
+    if unknown:
+      raise ValueError(f"unknown sampling setting(s) {unknown} for a {self.config.task!r} "
+                       f"run; it takes {sorted(accepted - _FIXED_ARGUMENTS)}")
+    options = {k: v for k, v in options.items() if v is not None}
+    keep = num_images_per_prompt if rerank is None else int(rerank)
+    candidates = int(num_candidates or 1)
+    if rerank is not None and num_images_per_prompt not in (1, keep):
+      raise ValueError(f"rerank={rerank} and num_images_per_prompt={num_images_per_prompt} "
+                       "disagree: rerank is the number of images kept per prompt")
+    if candidates > 1:
+      if "num_candidates" not in accepted:
+        raise ValueError(f"{self.config.task!r} runs do not rerank (num_candidates)")
+      if not 1 <= keep <= candidates:
+        raise ValueError(f"rerank={keep} must be in [1, num_candidates={candidates}]")
+      num_images_per_prompt = 1  # one row per prompt; the program returns its `keep` best
+    else:
+      keep = 1
+    # Static guidance (a program without the unconditional branch at scale 1) for models that
+    # support it; the others take the scale as a traced number.
+    guided = scale != 1.0 or not getattr(self.task, "guidance_static", False)
     repeated = [p for p in prompts for _ in range(num_images_per_prompt)]
     n = len(repeated)
     if isinstance(negative_prompt, str) or negative_prompt is None:
@@ -135,14 +178,17 @@ class Pipeline:
                          "num_images_per_prompt)")
       latents = jax.device_put(pad(latents), self._batch)
     put = lambda x: jax.device_put(pad(x), self._batch)  # noqa: E731
-    program = self._program(padded, sampler, latents is not None)
+    program = self._program(padded, sampler, latents is not None, guided,
+                            tuple(sorted(options)), candidates, keep)
     before = program._cache_size() if hasattr(program, "_cache_size") else None
+    extra = {k: jnp.asarray(v, jnp.int32 if isinstance(v, int) else jnp.float32)
+             for k, v in options.items()}
     images = program(self.params, put(tokens), put(mask), put(neg_tokens), put(neg_mask),
                      jax.random.key(seed), jnp.float32(scale), jnp.int32(steps),
-                     jnp.float32(eta), latents)
+                     jnp.float32(eta), latents, extra)
     if before is not None and program._cache_size() != before:
       self.num_compilations += 1
-    images = np.asarray(jax.device_get(images))[:n]
+    images = np.asarray(jax.device_get(images))[:n * keep]
     if output == "np":
       return images
     from PIL import Image

@@ -1,0 +1,153 @@
+"""DALL-E end to end at tiny sizes: frozen dVAE (and CLIP), training, sampling, reranking."""
+
+import json
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import jaxt2i
+from helpers import REPO, override, read_item, records, tokenizer_path
+from jaxt2i.data.tokenizer import Tokenizer
+from jaxt2i.tasks.base import get_task
+from jaxt2i.training.config import ConfigError
+from jaxt2i.training.trainer import Trainer
+
+sys.path.insert(0, str(REPO))
+from configs.clip_shapes import get_config as clip_config  # noqa: E402
+from configs.dalle_shapes import get_config as dalle_config  # noqa: E402
+from configs.dvae_shapes import get_config as dvae_config  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+LENGTH = 20
+
+
+def _train(config, workdir, **kwargs):
+  # One device: these tests are about the model family (the trainer's multi-device paths are
+  # tested in test_trainer.py).
+  trainer = Trainer(config, workdir, devices=jax.devices()[:1], **kwargs)
+  try:
+    state = trainer.train()
+  finally:
+    trainer.writer.close()
+    trainer.checkpointer.close()
+  return trainer, state
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  return Tokenizer.load(str(tokenizer_path(tmp_path_factory.mktemp("tok"))))
+
+
+@pytest.fixture(scope="module")
+def dvae_dir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("dvae")
+  _train(dvae_config("tiny"), workdir, source=records(64, 32))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory, tok):
+  workdir = tmp_path_factory.mktemp("clip")
+  config = override(clip_config("tiny"), **{"data.tokenizer": tok.path,
+                                            "data.max_caption_length": LENGTH})
+  _train(config, workdir, source=records(64, 32), tokenizer=tok)
+  return workdir
+
+
+def tiny_dalle(dvae_dir, tok, **overrides):
+  return override(dalle_config("tiny"), **{
+      "model.dvae_workdir": str(dvae_dir), "data.tokenizer": tok.path,
+      "data.max_caption_length": LENGTH, **overrides})
+
+
+@pytest.fixture(scope="module")
+def dalle_run(tmp_path_factory, dvae_dir, clip_dir, tok):
+  workdir = tmp_path_factory.mktemp("dalle")
+  config = tiny_dalle(dvae_dir, tok, **{"model.clip_workdir": str(clip_dir)})
+  trainer, state = _train(config, workdir, source=records(64, 32), tokenizer=tok)
+  return workdir, trainer, state
+
+
+def test_config_errors(dvae_dir, tok):
+  with pytest.raises(ConfigError, match="dvae_workdir is empty"):
+    get_task(dalle_config("tiny"))
+  with pytest.raises(ConfigError, match="num_candidates=4 needs a CLIP run"):
+    get_task(tiny_dalle(dvae_dir, tok, **{"model.num_candidates": 4}))
+  with pytest.raises(ConfigError, match="attention_patterns: unknown"):
+    get_task(tiny_dalle(dvae_dir, tok, **{"model.attention_patterns": ("row", "diagonal",
+                                                                        "row", "conv")}))
+  with pytest.raises(ConfigError, match="is a 'dvae' run, not 'clip'"):
+    task = get_task(tiny_dalle(dvae_dir, tok, **{"model.clip_workdir": str(dvae_dir)}))
+    task.initial_values()
+
+
+def test_trains_with_frozen_parts(dalle_run, dvae_dir, clip_dir):
+  workdir, trainer, _ = dalle_run
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["model"]["dvae"]["task"] == "dvae"
+  assert saved["model"]["clip"]["task"] == "clip"
+  params = read_item(workdir, "params")[1]
+  for part, run, sub in (("dvae", dvae_dir, "dvae"), ("clip", clip_dir, None)):
+    # Frozen parts are their runs' EMA weights where the run kept them (not the dVAE's).
+    ema = any((run / "checkpoints" / "4" / "ema_params").glob("*"))
+    original = read_item(run, "ema_params" if ema else "params")[1]
+    original = original[sub] if sub else original
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(original),
+                                 jax.tree_util.tree_leaves_with_path(params[part])):
+      np.testing.assert_array_equal(a, b, err_msg=part + jax.tree_util.keystr(path))
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  losses = [l["train/loss"] for l in lines if "train/loss" in l]
+  assert len(losses) == 4 and all(np.isfinite(losses))
+  # Untrained, the image cross-entropy starts near log(codebook size).
+  assert abs(lines[0]["train/image_loss"] - np.log(64)) < 1.0
+
+
+def test_pipeline_samples_and_reranks(dalle_run):
+  workdir, trainer, _ = dalle_run
+  pipe = jaxt2i.load(workdir)
+  prompts = ["a small red circle in the top left", "a large blue square at the bottom"]
+  a = pipe(prompts, num_images_per_prompt=2, seed=0, output="np")
+  assert a.shape == (4, 32, 32, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, pipe(prompts, num_images_per_prompt=2, seed=0, output="np"))
+  assert not np.array_equal(a, pipe(prompts, num_images_per_prompt=2, seed=1, output="np"))
+  # Sampling settings are traced: new values reuse the compiled program.
+  before = pipe.num_compilations
+  pipe(prompts, num_images_per_prompt=2, seed=2, temperature=0.7, top_k=5, top_p=0.9,
+       output="np")
+  pipe(prompts, num_images_per_prompt=2, seed=3, temperature=1.3, top_k=2, top_p=0.5,
+       output="np")
+  assert pipe.num_compilations == before + 1
+  # top_k=1 is greedy: every seed gives the same images.
+  g0 = pipe(prompts, seed=0, top_k=1, output="np")
+  np.testing.assert_array_equal(g0, pipe(prompts, seed=7, top_k=1, output="np"))
+
+  # Reranking: the K kept images are the CLIP-best of the N candidates, best first.
+  task = trainer.task
+  ranked = pipe(prompts, num_candidates=4, rerank=2, seed=5, output="np")
+  assert ranked.shape == (4, 32, 32, 3)
+  pool = pipe([p for p in prompts for _ in range(4)], seed=5, output="np")
+  tokens, mask = pipe._encode([p for p in prompts for _ in range(4)])
+  scores = np.asarray(task.clip_task.score(pipe.params["clip"], pool, tokens, mask))
+  for i in range(2):
+    order = np.argsort(-scores[4 * i:4 * i + 4], kind="stable")[:2]
+    kept = pool[4 * i:4 * i + 4][order]
+    np.testing.assert_array_equal(ranked[2 * i:2 * i + 2], kept)
+  with pytest.raises(ValueError, match=r"rerank=5 must be in \[1, num_candidates=4\]"):
+    pipe(prompts, num_candidates=4, rerank=5)
+  with pytest.raises(ValueError, match="unknown sampling setting"):
+    pipe(prompts, typo_k=3)
+
+
+def test_guidance_programs(dalle_run):
+  workdir, _, _ = dalle_run
+  pipe = jaxt2i.load(workdir)
+  prompts = ["a small red circle in the top left"]
+  plain = pipe(prompts, seed=4, guidance_scale=1.0, output="np")
+  assert pipe.num_compilations == 1  # scale 1: the program without the unconditional branch
+  guided = pipe(prompts, seed=4, guidance_scale=2.0, negative_prompt="a large blue square",
+                output="np")
+  pipe(prompts, seed=4, guidance_scale=3.0, output="np")
+  assert pipe.num_compilations == 2  # one guided program for every scale and negative prompt
+  assert plain.shape == guided.shape == (1, 32, 32, 3)
