@@ -13,12 +13,13 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed
 
+# OpenAI's `dall_e` package (the dVAE parity reference) goes in without its dependencies: its
+# metadata asks for torchvision (a CUDA build of torch here), though its modules import only
+# torch, attrs and requests.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	# OpenAI's `dall_e` package, the dVAE parity reference: its metadata asks for torchvision
-	# (a CUDA build of torch here), though its modules import only torch, attrs and requests.
 	$(PY) -m pip install -q --no-deps 'DALL-E==0.1'
 	touch $@
 

@@ -140,6 +140,7 @@ def test_pipeline_samples_and_reranks(dalle_run):
     pipe(prompts, typo_k=3)
 
 
+@pytest.mark.slow  # ~40 s: two more sampling programs
 def test_guidance_programs(dalle_run):
   workdir, _, _ = dalle_run
   pipe = jaxt2i.load(workdir)
