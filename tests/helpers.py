@@ -70,6 +70,21 @@ def tiny_config(**overrides):
   return override(c, **overrides)
 
 
+def train_run(config, workdir, **kwargs):
+  """Trains `config` into `workdir` on one device (model-family tests: they compile much
+  faster unpartitioned; the trainer's multi-device paths are tested in test_trainer.py);
+  returns (trainer, final state)."""
+  import jax
+  from jaxt2i.training.trainer import Trainer
+  trainer = Trainer(config, workdir, devices=jax.devices()[:1], **kwargs)
+  try:
+    state = trainer.train()
+  finally:
+    trainer.writer.close()
+    trainer.checkpointer.close()
+  return trainer, state
+
+
 def override(config, **overrides):
   """Sets dotted fields: override(c, **{"model.kind": "vq", "batch_size": 8})."""
   for key, value in overrides.items():

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 import jaxt2i
-from helpers import REPO, override, read_item, records, tokenizer_path
+from helpers import REPO, override, read_item, records, tokenizer_path, train_run
 from jaxt2i.data.tokenizer import Tokenizer
 from jaxt2i.tasks.base import get_task
 from jaxt2i.training.config import ConfigError
-from jaxt2i.training.trainer import Trainer
 
 sys.path.insert(0, str(REPO))
 from configs.clip_shapes import get_config as clip_config  # noqa: E402
@@ -23,18 +22,6 @@ pytestmark = pytest.mark.timeout(300)
 LENGTH = 20
 
 
-def _train(config, workdir, **kwargs):
-  # One device: these tests are about the model family (the trainer's multi-device paths are
-  # tested in test_trainer.py).
-  trainer = Trainer(config, workdir, devices=jax.devices()[:1], **kwargs)
-  try:
-    state = trainer.train()
-  finally:
-    trainer.writer.close()
-    trainer.checkpointer.close()
-  return trainer, state
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
   return Tokenizer.load(str(tokenizer_path(tmp_path_factory.mktemp("tok"))))
@@ -43,7 +30,7 @@ def tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dvae_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("dvae")
-  _train(dvae_config("tiny"), workdir, source=records(64, 32))
+  train_run(dvae_config("tiny"), workdir, source=records(64, 32))
   return workdir
 
 
@@ -52,7 +39,7 @@ def clip_dir(tmp_path_factory, tok):
   workdir = tmp_path_factory.mktemp("clip")
   config = override(clip_config("tiny"), **{"data.tokenizer": tok.path,
                                             "data.max_caption_length": LENGTH})
-  _train(config, workdir, source=records(64, 32), tokenizer=tok)
+  train_run(config, workdir, source=records(64, 32), tokenizer=tok)
   return workdir
 
 
@@ -66,7 +53,7 @@ def tiny_dalle(dvae_dir, tok, **overrides):
 def dalle_run(tmp_path_factory, dvae_dir, clip_dir, tok):
   workdir = tmp_path_factory.mktemp("dalle")
   config = tiny_dalle(dvae_dir, tok, **{"model.clip_workdir": str(clip_dir)})
-  trainer, state = _train(config, workdir, source=records(64, 32), tokenizer=tok)
+  trainer, state = train_run(config, workdir, source=records(64, 32), tokenizer=tok)
   return workdir, trainer, state
 
 

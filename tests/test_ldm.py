@@ -8,12 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, override, read_item, records, tokenizer_path
+from helpers import REPO, override, read_item, records, tokenizer_path, train_run
 from jaxt2i.data.tokenizer import Tokenizer
 from jaxt2i.eval import runner
 from jaxt2i.tasks.base import get_task
 from jaxt2i.training.config import ConfigError
-from jaxt2i.training.trainer import Trainer
 
 sys.path.insert(0, str(REPO))
 from configs.autoencoder_shapes import get_config as ae_config  # noqa: E402
@@ -22,22 +21,10 @@ from configs.ldm_shapes import get_config as ldm_config  # noqa: E402
 pytestmark = pytest.mark.timeout(300)
 
 
-def _train(config, workdir, **kwargs):
-  # One device: these tests are about the model family, and compile much faster unpartitioned
-  # (the trainer's multi-device paths are tested on every strategy in test_trainer.py).
-  trainer = Trainer(config, workdir, devices=jax.devices()[:1], **kwargs)
-  try:
-    state = trainer.train()
-  finally:
-    trainer.writer.close()
-    trainer.checkpointer.close()
-  return trainer, state
-
-
 @pytest.fixture(scope="module")
 def ae_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ae")
-  _train(override(ae_config("tiny"), **{"model.disc_weight": 0.0}), workdir,
+  train_run(override(ae_config("tiny"), **{"model.disc_weight": 0.0}), workdir,
          source=records(64, 32))
   return workdir
 
@@ -69,7 +56,8 @@ def test_needs_a_first_stage():
 @pytest.fixture(scope="module")
 def ldm_run(tmp_path_factory, ae_dir, tok):
   workdir = tmp_path_factory.mktemp("ldm")
-  trainer, state = _train(tiny_ldm(ae_dir, tok), workdir, source=records(64, 32), tokenizer=tok)
+  trainer, state = train_run(tiny_ldm(ae_dir, tok), workdir, source=records(64, 32),
+                             tokenizer=tok)
   return workdir, trainer, state
 
 
@@ -133,7 +121,7 @@ def test_tiny_ldm_overfits_four_images(tmp_path, ae_dir, tok):
       "train.num_steps": 300, "batch_size": 4, "train.log_every": 25,
       "optim.learning_rate": 2e-3, "optim.warmup_steps": 20, "model.caption_dropout": 0.0,
       "checkpoint.every_steps": 1000, "train.ema_decay": 0.0})
-  _train(config, tmp_path, source=list(four) * 2, tokenizer=tok)
+  train_run(config, tmp_path, source=list(four) * 2, tokenizer=tok)
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   losses = [l["train/loss"] for l in lines if "train/loss" in l]
   assert losses[-1] < 0.5 * losses[0], losses
