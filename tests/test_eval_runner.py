@@ -15,7 +15,9 @@ from jaxt2i.eval import runner
 from jaxt2i.training import config as config_lib
 from jaxt2i.training.trainer import Trainer
 
-pytestmark = pytest.mark.timeout(300)
+# The first test here may train the shared 64px evaluator (conftest.evaluator_64: ~3 min on 2
+# idle cores, far more on a loaded machine): its setup counts against the limit.
+pytestmark = pytest.mark.timeout(900)
 
 
 def _config(tok_path, **overrides):
