@@ -47,22 +47,18 @@ def unmap_pixels(x: jax.Array, eps: float = LOGIT_LAPLACE_EPS) -> jax.Array:
   return jnp.clip((x - eps) / (1.0 - 2.0 * eps), 0.0, 1.0)
 
 
-def logit_laplace_nll(x: jax.Array, stats: jax.Array,
-                      min_log_scale: float | None = None) -> jax.Array:
+def logit_laplace_nll(x: jax.Array, stats: jax.Array) -> jax.Array:
   """Per-element negative log-likelihood of mapped pixels under the logit-Laplace density
   (App. A.3),
 
       f(x | mu, b) = exp(-|logit(x) - mu| / b) / (2 b x (1 - x)),
 
   for x [..., C] in (0, 1) (map_pixels output) and decoder stats [..., 2C] = (mu, log b).
-  `min_log_scale` clips log b from below: the density has no lower bound where mu hits x
-  exactly (flat synthetic backgrounds), and a pixel known to within its 8-bit step gains
-  nothing from a narrower one. Returns [..., C] float32 (nats).
+  Returns [..., C] float32 (nats). It has no lower bound (mu = logit(x), b -> 0): on images
+  with exactly flat regions the decoder can chase it there instead of encoding content.
   """
   x = x.astype(jnp.float32)
   mu, log_b = jnp.split(stats.astype(jnp.float32), 2, axis=-1)
-  if min_log_scale is not None:
-    log_b = jnp.maximum(log_b, min_log_scale)
   logit = jnp.log(x) - jnp.log1p(-x)
   return (math.log(2.0) + log_b + jnp.log(x) + jnp.log1p(-x)
           + jnp.abs(logit - mu) * jnp.exp(-log_b))
@@ -75,19 +71,14 @@ def stats_to_pixels(stats: jax.Array) -> jax.Array:
   return unmap_pixels(jax.nn.sigmoid(mu))
 
 
-def gumbel_softmax(rng: jax.Array, logits: jax.Array, temperature: jax.Array | float,
-                   hard: bool = False) -> jax.Array:
+def gumbel_softmax(rng: jax.Array, logits: jax.Array, temperature: jax.Array | float
+                   ) -> jax.Array:
   """The relaxed one-hot sample softmax((logits + Gumbel noise) / temperature) over the last
-  axis (Jang et al. 2016; Sec. 2.1 relaxes the categorical code posterior with it). `hard`:
-  the one-hot of its argmax in the forward pass, the relaxed sample's gradient in the
-  backward pass (the straight-through estimator of Jang et al., Sec. 2.2)."""
+  axis (Jang et al. 2016; Sec. 2.1 relaxes the categorical code posterior with it, in the
+  forward pass too)."""
   logits = logits.astype(jnp.float32)
   noise = jax.random.gumbel(rng, logits.shape, jnp.float32)
-  soft = jax.nn.softmax((logits + noise) / temperature, axis=-1)
-  if not hard:
-    return soft
-  one_hot = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
-  return soft + jax.lax.stop_gradient(one_hot - soft)
+  return jax.nn.softmax((logits + noise) / temperature, axis=-1)
 
 
 def kl_to_uniform(logits: jax.Array) -> jax.Array:
@@ -176,8 +167,11 @@ class CodeInput(nn.Module):
 
   @nn.compact
   def __call__(self, codes: jax.Array) -> jax.Array:
+    # Unit-variance rows, as an embedding: the input is (nearly) one-hot, so lecun's
+    # 1/sqrt(vocab_size) would start the decoder at activations of ~0.01, which the first
+    # Adam steps on its biases already swamp (dead ReLUs at lr 1e-3).
     kernel = self.param("kernel", nn.with_logical_partitioning(
-        nn.initializers.lecun_normal(), ("conv_h", "conv_w", "conv_in", "conv_out")),
+        nn.initializers.normal(1.0), ("conv_h", "conv_w", "conv_in", "conv_out")),
         (1, 1, self.vocab_size, self.width))
     bias = self.param("bias", nn.with_logical_partitioning(
         nn.initializers.zeros_init(), ("conv_out",)), (self.width,))
@@ -262,16 +256,14 @@ class DiscreteVAE(nn.Module):
     return stats_to_pixels(self.decoder(tokens))
 
   def __call__(self, images: jax.Array, rng: jax.Array | None = None,
-               temperature: jax.Array | float = 1.0, hard: bool = False
-               ) -> tuple[jax.Array, jax.Array]:
+               temperature: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
     """Images in [0, 1] -> (decoder stats, code logits). With `rng` the decoder reads a
-    gumbel-softmax sample at `temperature` (training; `hard`: straight-through one-hot);
-    without, the argmax tokens."""
+    gumbel-softmax sample at `temperature` (training); without, the argmax tokens."""
     logits = self.encode_logits(images)
     if rng is None:
       codes = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
-      codes = gumbel_softmax(rng, logits, temperature, hard)
+      codes = gumbel_softmax(rng, logits, temperature)
     return self.decoder(codes), logits
 
 
@@ -279,7 +271,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # OpenAI's published dVAE (dall_e encoder.pkl / decoder.pkl): 256 px -> 32 x 32 tokens.
     "dall_e": {},
     # shapes-v1 at 64 px -> 16 x 16 tokens (configs/dvae_shapes.py).
-    "shapes": {"vocab_size": 512, "hidden": 32, "init_width": 64, "blocks_per_group": 1,
+    "shapes": {"vocab_size": 512, "hidden": 16, "init_width": 64, "blocks_per_group": 1,
                "downsample_factor": 4},
     # CPU-sized, for tests.
     "tiny": {"vocab_size": 64, "hidden": 16, "init_width": 16, "blocks_per_group": 1,

@@ -9,10 +9,11 @@ paper's per-image sums do):
         / (H * W * C)
     z = gumbel_softmax(encoder logits, temperature)
 
-NLL is the logit-Laplace density of App. A.3 on pixels mapped to (0.1, 0.9) (or, as an
-option, the squared error). The relaxation temperature is annealed from 1 towards 1/16 and
-beta rises linearly from 0 (App. A.2: 1/16 over the first 150k updates, beta to 6.6 over the
-first 5000). At inference the codes are the argmax tokens: `encode_tokens` / `decode_tokens`
+NLL is the logit-Laplace density of App. A.3 on pixels mapped to (0.1, 0.9), or, as an
+option, the squared error (for images with exactly flat regions, where the logit-Laplace NLL
+is unbounded: configs/dvae_shapes.py). The relaxation temperature is annealed from 1 towards
+1/16 and beta rises linearly from 0 (App. A.2: 1/16 over the first 150k updates, beta to 6.6
+over the first 5000). At inference the codes are the argmax tokens: `encode_tokens` / `decode_tokens`
 are what the DALL-E transformer task uses.
 """
 
@@ -88,20 +89,19 @@ class DiscreteVAETask(Task):
     m.downsample_factor = 4          # image side / token-grid side, a power of two (paper: 8)
     m.channels = 3                   # image channels
     m.reconstruction = "logit_laplace"  # logit_laplace (App. A.3) | mse
-    # beta: the paper's 6.6 is for 8192 codes at f = 8, i.e. 192 image dimensions per token.
-    # The KL is summed over tokens and the NLL over dimensions, so at f = 4 (48 dimensions per
-    # token) the same beta pulls 4x harder towards the uniform posterior, and a small codebook
-    # has less to spread: 6.6 * 48 / 192 ~ 1.6 keeps the paper's balance for small codebooks
-    # at f = 4; recipes at f = 8 with thousands of codes should use 6.6.
+    # beta, with the loss per image dimension (module docstring). The paper's 6.6 is for f = 8,
+    # i.e. 192 image dimensions per token: the KL is summed over tokens and the NLL over
+    # dimensions, so at f = 4 (48 per token) the same pull towards the uniform posterior is
+    # 6.6 * 48 / 192 ~ 1.6. The codebook size does not change it: a confident posterior costs
+    # beta * log K nats for its log K nats of information at any K, so small codebooks keep
+    # the paper's value. With reconstruction=mse the unit is squared pixel error, not nats:
+    # scale by 2 sigma^2 for the pixel noise sigma the squared error stands for.
     m.kl_weight = 1.6                # final beta
     m.kl_warmup_steps = 5000         # beta rises linearly from 0 over these steps (paper: 5000)
     m.temperature_start = 1.0        # gumbel-softmax temperature at step 0 (paper: 1)
     m.temperature_end = 1.0 / 16     # ... annealed to this (paper: 1/16)
     m.temperature_steps = 150_000    # ... over these steps (paper: 150k)
     m.temperature_schedule = "cosine"  # cosine | exponential
-    m.straight_through = False       # decoder reads the sample's one-hot (gradient of the
-                                     # relaxation) instead of the relaxation itself
-    m.min_log_scale = -100.0         # logit_laplace: floor of the decoder's log-scale
     return m
 
   def validate(self) -> None:
@@ -157,7 +157,7 @@ class DiscreteVAETask(Task):
     """Per-image sum of the reconstruction term [B], and its per-dimension metric."""
     target = map_pixels(x01)
     if self.config.model.reconstruction == "logit_laplace":
-      per_elem = logit_laplace_nll(target, stats, self.config.model.min_log_scale)
+      per_elem = logit_laplace_nll(target, stats)
       name = "nll"
     else:
       # The squared error of the decoder's mean in [0, 1] pixel units (the mapping's scale
@@ -175,8 +175,7 @@ class DiscreteVAETask(Task):
     temperature = gumbel_temperature(step, m.temperature_start, m.temperature_end,
                                      m.temperature_steps, m.temperature_schedule)
     beta = kl_weight_at(step, m.kl_weight, m.kl_warmup_steps)
-    stats, logits = self.model.apply({"params": params["dvae"]}, x01, rng, temperature,
-                                     m.straight_through)
+    stats, logits = self.model.apply({"params": params["dvae"]}, x01, rng, temperature)
     rec, metrics = self._reconstruction(x01, stats)
     kl = kl_to_uniform(logits)
     dims = x01[0].size
