@@ -52,11 +52,29 @@ def compile_seconds(jitted, *args) -> tuple[Any, float]:
   return compiled, time.perf_counter() - start
 
 
-def matmul_ceiling(sizes=(1024, 2048, 4096), dtype="float32", repeats: int = 5) -> dict:
+def on_accelerator() -> bool:
+  return jax.default_backend() != "cpu"
+
+
+def xla_flops(jitted, *args) -> float:
+  """XLA's FLOP count of `jitted(*args)`, from the lowered program: the compiled program's
+  cost analysis on GPUs leaves out the cuBLAS / cuDNN custom calls (matmuls, convolutions),
+  which is nearly all of a model's work."""
+  cost = jitted.lower(*args).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan")))
+
+
+def matmul_ceiling(sizes=None, dtype=None, repeats: int = 5) -> dict:
   """The machine's measured dense-matmul rate under XLA: the best FLOP/s of square [n, n] @
-  [n, n] products over `sizes` (2 n^3 FLOPs each), the denominator of model FLOP utilisation
-  on machines without a published peak (CPUs)."""
+  [n, n] products over `sizes` (2 n^3 FLOPs each), the denominator of model FLOP utilisation.
+  Defaults: float32 at n = 1024..4096 on CPUs; bfloat16 at n = 4096..16384 on accelerators,
+  whose published peaks are seldom reached (the measured rate is the honest denominator)."""
   import jax.numpy as jnp
+  if sizes is None:
+    sizes = (4096, 8192, 16384) if on_accelerator() else (1024, 2048, 4096)
+  if dtype is None:
+    dtype = "bfloat16" if on_accelerator() else "float32"
   rates = {}
   for n in sizes:
     a = jnp.ones((n, n), dtype) * 0.5
@@ -79,7 +97,7 @@ def environment() -> dict:
     pass
   versions = {}
   for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
-                  "tensorflow-datasets", "numpy"):
+                  "tensorflow-datasets", "numpy", "torch", "diffusers"):
     try:
       versions[package] = metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -90,8 +108,11 @@ def environment() -> dict:
 
 
 def record(name: str, command: str, markdown: str, data: dict) -> None:
-  """Writes results/NAME.json and replaces NAME's section of RESULTS.md."""
+  """Writes results/NAME.json and replaces NAME's section of RESULTS.md. On an accelerator the
+  section is NAME_<platform> (e.g. unet_step_gpu), beside the CPU one."""
   env = environment()
+  if on_accelerator():
+    name = f"{name}_{jax.default_backend()}"
   RESULTS_DIR.mkdir(exist_ok=True)
   (RESULTS_DIR / f"{name}.json").write_text(
       json.dumps({"name": name, "command": command, "environment": env, **data}, indent=2))

@@ -141,6 +141,20 @@ def test_attention_implementations_agree():
       attention.dot_product_attention(q, k, v, implementation="cudnn")
 
 
+def test_cudnn_supported_rules(monkeypatch):
+  """`auto` must not send cuDNN what it refuses at run time: on a GPU, half precision, head
+  sizes that are multiples of 8 up to 128, and even lengths (the SD U-Net's cross-attention
+  to 77 CLIP tokens raised "Unsupported sequence length Q 4096, KV 77" in its training pass)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  def supported(lq, lk, head=40, dtype=jnp.bfloat16):
+    return attention.cudnn_supported(jax.ShapeDtypeStruct((2, lq, 8, head), dtype),
+                                     jax.ShapeDtypeStruct((2, lk, 8, head), dtype))
+  assert supported(4096, 4096) and supported(4096, 78)
+  assert not supported(4096, 77) and not supported(77, 4096)
+  assert not supported(64, 64, head=160) and not supported(64, 64, head=36)
+  assert not supported(64, 64, dtype=jnp.float32)
+
+
 @pytest.mark.parametrize("chunk_bytes", [1 << 30, 1024, 64])
 def test_einsum_attention_steps_and_gradient(monkeypatch, chunk_bytes):
   """The einsum backend's three plans (one step; groups of (batch, head) pairs; query blocks

@@ -66,10 +66,14 @@ IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
 
 
 def cudnn_supported(q: jax.Array, k: jax.Array) -> bool:
-  """Whether the cuDNN flash-attention kernel accepts these operands on this backend."""
+  """Whether the cuDNN flash-attention kernel accepts these operands on this backend: half
+  precision, a head size that is a multiple of 8 and at most 128, and even query and key
+  lengths (its training kernels refuse odd ones, e.g. the U-Net's cross-attention to CLIP's
+  77 text tokens: "Unsupported sequence length Q 4096, KV 77")."""
   head_dim = q.shape[-1]
   return (jax.default_backend() == "gpu" and q.dtype in (jnp.float16, jnp.bfloat16)
-          and k.dtype == q.dtype and head_dim % 8 == 0 and head_dim <= 128)
+          and k.dtype == q.dtype and head_dim % 8 == 0 and head_dim <= 128
+          and q.shape[-3] % 2 == 0 and k.shape[-3] % 2 == 0)
 
 
 def resolve_implementation(implementation: str, q: jax.Array, k: jax.Array) -> str:
@@ -255,9 +259,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     return _einsum_attention(q, k, v, mask, precision)
   if backend == "cudnn" and not cudnn_supported(q, k):
     raise ValueError(
-        f"attention implementation 'cudnn' needs a GPU, float16/bfloat16 operands and a head "
-        f"size that is a multiple of 8 and <= 128; got backend {jax.default_backend()!r}, "
-        f"dtype {q.dtype}, head size {q.shape[-1]}")
+        f"attention implementation 'cudnn' needs a GPU, float16/bfloat16 operands, a head "
+        f"size that is a multiple of 8 and <= 128 and even sequence lengths; got backend "
+        f"{jax.default_backend()!r}, dtype {q.dtype}, head size {q.shape[-1]}, query / key "
+        f"lengths {q.shape[-3]} / {k.shape[-3]}")
   # jax.nn computes the logits in float32 for half-precision inputs, and the softmax in
   # float32 always.
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=backend)
