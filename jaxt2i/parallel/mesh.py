@@ -85,11 +85,15 @@ def batch_parallel_size(mesh: Mesh) -> int:
 def initialize_distributed(cfg: Mapping | None = None) -> None:
   """Starts multi-host JAX when the run spans several processes.
 
-  cfg fields (all optional): `mode` in {'auto', 'none', 'explicit'}, `coordinator_address`,
-  `num_processes`, `process_id`, `local_device_ids`, `heartbeat_timeout_s`,
-  `initialization_timeout_s`, `shutdown_timeout_s`, `cpu_collectives`.
+  cfg fields (all optional): `mode` in {'auto', 'cluster', 'explicit', 'none'},
+  `coordinator_address`, `num_processes`, `process_id`, `local_device_ids` (a sequence or a
+  comma-separated string), `heartbeat_timeout_s`, `initialization_timeout_s`,
+  `shutdown_timeout_s`, `cpu_collectives`.
   - auto: initialise when a cluster environment is detected (Cloud TPU VM with several
     workers, SLURM with several tasks, or JAX_COORDINATOR_ADDRESS set); else single process.
+  - cluster: always initialise, leaving coordinator, process count and id to JAX's cluster
+    detection (TPU VM metadata, SLURM variables, ...): for launchers that know the job spans
+    several hosts.
   - explicit: use the given coordinator address / process count / id.
   """
   cfg = dict(cfg or {})
@@ -117,23 +121,35 @@ def initialize_distributed(cfg: Mapping | None = None) -> None:
       # CPU devices of several processes talk through gloo; harmless elsewhere.
       jax.config.update("jax_cpu_collectives_implementation",
                         cfg.get("cpu_collectives") or "gloo")
-    local_ids = cfg.get("local_device_ids")
     jax.distributed.initialize(
         coordinator_address=coordinator, num_processes=int(num_processes),
-        process_id=int(process_id),
-        local_device_ids=list(local_ids) if local_ids else None, **timeouts)
+        process_id=int(process_id), local_device_ids=local_device_ids(cfg), **timeouts)
+  elif mode == "cluster" or (mode == "auto" and _cluster_detected()):
+    # JAX's cluster detection fills coordinator, process count/id and local devices
+    # for TPU VMs (metadata server), SLURM (SLURM_* variables) and others.
+    jax.distributed.initialize(local_device_ids=local_device_ids(cfg), **timeouts)
   elif mode == "auto":
-    if _cluster_detected():
-      # JAX's cluster detection fills coordinator, process count/id and local devices
-      # for TPU VMs (metadata server), SLURM (SLURM_* variables) and others.
-      jax.distributed.initialize(**timeouts)
-    else:
-      return
+    return
   else:
-    raise ValueError(f"config.distributed.mode={mode!r}; allowed: 'auto', 'none', 'explicit'")
+    raise ValueError(f"config.distributed.mode={mode!r}; allowed: 'auto', 'cluster', "
+                     "'explicit', 'none'")
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+
+
+def local_device_ids(cfg: Mapping) -> list[int] | None:
+  """`local_device_ids` as a list of ints (None when unset), from a sequence or a string such
+  as "3" or "0,1"."""
+  ids = cfg.get("local_device_ids")
+  if ids is None or ids == "" or (not isinstance(ids, str) and not len(ids)):
+    return None
+  parts = ids.split(",") if isinstance(ids, str) else list(ids)
+  try:
+    return [int(str(i).strip()) for i in parts]
+  except ValueError:
+    raise ValueError(f"config.distributed.local_device_ids={ids!r}: give device indices, "
+                     "e.g. '3' or '0,1'") from None
 
 
 def _cluster_detected() -> bool:

@@ -34,10 +34,14 @@ def trainer_defaults() -> ml_collections.ConfigDict:
   c.sharding.extra_rules = ()      # ((logical_name, mesh_axis_or_None), ...) checked first
 
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.mode = "auto"      # auto (TPU VM / SLURM detection) | none | explicit
+  # auto: start jax.distributed when a cluster is detected (multi-worker TPU VM, SLURM with
+  # several tasks, JAX_COORDINATOR_ADDRESS); cluster: always, with JAX's own detection (what
+  # launch/tpu_vm.sh and launch/slurm_gpu.sbatch use); explicit: the fields below; none.
+  c.distributed.mode = "auto"      # auto | cluster | explicit | none
   c.distributed.coordinator_address = ""  # host:port of process 0 (explicit mode)
   c.distributed.num_processes = 0  # explicit mode: total processes
   c.distributed.process_id = -1    # explicit mode: this process's index
+  c.distributed.local_device_ids = ""  # e.g. "3": this process's local devices (one per GPU)
   c.distributed.heartbeat_timeout_s = 100  # a dead peer is detected after this long
   c.distributed.initialization_timeout_s = 300  # wait this long for all processes to join
   c.distributed.shutdown_timeout_s = 300  # barrier at exit
@@ -97,7 +101,7 @@ def trainer_defaults() -> ml_collections.ConfigDict:
 _SECTIONS = ("mesh", "sharding", "distributed", "data", "train", "optim", "eval", "checkpoint")
 _CHOICES = {
     "sharding.strategy": ("dp", "fsdp", "tp", "fsdp_tp"),
-    "distributed.mode": ("auto", "none", "explicit"),
+    "distributed.mode": ("auto", "cluster", "explicit", "none"),
     "train.compute_dtype": ("float32", "bfloat16"),
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.schedule": ("cosine", "constant", "linear"),
