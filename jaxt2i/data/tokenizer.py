@@ -15,6 +15,7 @@ import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -269,3 +270,78 @@ def tokenizer_for_dataset(name: str, data_dir: str | os.PathLike | None = None,
            name, path)
   return train_tokenizer(_captions(source, _MAX_TRAINING_TEXTS), path, vocab_size=vocab_size,
                          model_type=model_type)
+
+
+class CLIPTokenizer:
+  """CLIP's byte-level BPE (Stable Diffusion's text tokenizer) from local files: a folder with
+  vocab.json and merges.txt (a Stable Diffusion folder's `tokenizer/`), through transformers'
+  CLIPTokenizer. `encode` gives the same fixed-length rows as StableDiffusionPipeline:
+  start-of-text, the text's tokens, end-of-text, then the pad token (end-of-text itself for SD
+  1.x, "!" for SD 2.x, as tokenizer_config.json / special_tokens_map.json say)."""
+
+  def __init__(self, tokenizer: Any, path: str | None = None):
+    self._tok = tokenizer
+    self.path = path
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> CLIPTokenizer:
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isdir(
+        os.path.join(path, "tokenizer")):
+      path = os.path.join(path, "tokenizer")
+    for name in ("vocab.json", "merges.txt"):
+      if not os.path.isfile(os.path.join(path, name)):
+        raise FileNotFoundError(f"no CLIP tokenizer at {path}: {name} is missing")
+    try:
+      import transformers
+    except ImportError as e:
+      raise ImportError("the CLIP tokenizer needs transformers: pip install 'jaxt2i[sd]'") from e
+    return cls(transformers.CLIPTokenizer.from_pretrained(path, local_files_only=True), path)
+
+  def __repr__(self):
+    return f"CLIPTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self._tok)
+
+  @property
+  def model_max_length(self) -> int:
+    return int(min(self._tok.model_max_length, 10 ** 6))
+
+  @property
+  def pad_id(self) -> int:
+    return int(self._tok.pad_token_id)
+
+  @property
+  def bos_id(self) -> int:
+    return int(self._tok.bos_token_id)
+
+  @property
+  def eos_id(self) -> int:
+    return int(self._tok.eos_token_id)
+
+  def encode(self, texts: Sequence[str], max_length: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> (ids int32 [B, max_length], mask bool [B, max_length]); max_length defaults to
+    the tokenizer's (77). Longer texts are cut to fit, ending in end-of-text, with a warning."""
+    if isinstance(texts, (str, bytes)):
+      raise TypeError("encode takes a sequence of texts; wrap a single text in a list")
+    max_length = max_length or self.model_max_length
+    if max_length < 2:
+      raise ValueError(f"max_length must be >= 2 (start and end of text), got {max_length}")
+    texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
+    full = self._tok(texts, add_special_tokens=True)["input_ids"]
+    ids = np.full((len(texts), max_length), self.pad_id, dtype=np.int32)
+    mask = np.zeros((len(texts), max_length), dtype=bool)
+    truncated = 0
+    for row, seq in enumerate(full):
+      if len(seq) > max_length:
+        truncated += 1
+        seq = seq[:max_length - 1] + [self.eos_id]
+      ids[row, :len(seq)] = seq
+      mask[row, :len(seq)] = True
+    if truncated:
+      log.warning("CLIP tokenizer: truncated %d of %d prompts to %d tokens (end-of-text kept)",
+                  truncated, len(texts), max_length)
+    return ids, mask
