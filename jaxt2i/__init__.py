@@ -8,3 +8,11 @@ def load(workdir, **kwargs):
   jaxt2i.pipelines.Pipeline. (Imported lazily: `import jaxt2i` stays cheap.)"""
   from jaxt2i.pipelines import load as _load
   return _load(workdir, **kwargs)
+
+
+def from_diffusers(path, **kwargs):
+  """A sampling pipeline for a local diffusers Stable Diffusion folder (unet/, vae/,
+  text_encoder/, tokenizer/, scheduler/): the same object `load` returns; see
+  jaxt2i.convert.diffusers_pipeline."""
+  from jaxt2i.convert.diffusers_pipeline import from_diffusers as _from_diffusers
+  return _from_diffusers(path, **kwargs)

@@ -51,12 +51,20 @@ def enable_compilation_cache(directory: str | None = None) -> str:
 class Pipeline:
   """Samples a trained run. See the module docstring."""
 
-  def __init__(self, workdir: str | os.PathLike, *, devices: Sequence[jax.Device] | None = None,
-               ema: bool = True, compilation_cache: bool = True):
+  def __init__(self, workdir: str | os.PathLike | None, *,
+               devices: Sequence[jax.Device] | None = None, ema: bool = True,
+               compilation_cache: bool = True, run: tuple[Any, Any, Any] | None = None):
+    """Samples the run in `workdir`, or `run` = (config, task, params) built in memory (as
+    jaxt2i.from_diffusers does; `workdir` may then be None)."""
     if compilation_cache:
       enable_compilation_cache()
-    self.workdir = epath.Path(workdir)
-    self.config, self.task, params = load_run(self.workdir, ema=ema)
+    self.workdir = None if workdir is None else epath.Path(workdir)
+    if run is None:
+      if self.workdir is None:
+        raise ValueError("Pipeline needs a workdir or run=(config, task, params)")
+      self.config, self.task, params = load_run(self.workdir, ema=ema)
+    else:
+      self.config, self.task, params = run
     self.tokenizer = data_pipeline.load_tokenizer(self.config.data, self.workdir)
     self.max_length = int(self.config.data.max_caption_length)
     self.mesh = mesh_lib.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
@@ -75,6 +83,8 @@ class Pipeline:
       if length > self.max_length:
         warnings.warn(f"prompt truncated from {length} to {self.max_length} tokens: "
                       f"{prompt!r}", stacklevel=3)
+    if getattr(self.task, "tokenized_unconditional", False):
+      return tokens.astype(np.int32), mask.astype(np.int32)
     empty = np.array([not p.strip() for p in prompts])
     # The empty prompt is the unconditional one: all padding, as in caption dropout.
     tokens = np.where(empty[:, None], 0, tokens).astype(np.int32)

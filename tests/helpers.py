@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -135,3 +136,33 @@ def flat(tree) -> dict:
   import jax
   return {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _bytes_to_unicode():
+  """CLIP's byte -> printable character table (GPT-2's)."""
+  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1)))
+  cs, n = bs[:], 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return [chr(c) for c in cs]
+
+
+def write_clip_vocab(folder, pad_token="<|endoftext|>", max_length=12):
+  """A small byte-level BPE vocabulary in CLIP's format, saved like an SD `tokenizer/`."""
+  chars = _bytes_to_unicode()
+  merges = ["r e", "re d</w>", "b l", "bl u", "blu e</w>", "c i", "ci r", "cir c", "circ l",
+            "circl e</w>"]
+  vocab = chars + [c + "</w>" for c in chars]
+  vocab += [m.replace(" ", "") for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+  folder.mkdir(parents=True)
+  (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+  (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+  import transformers
+  tok = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                   pad_token=pad_token, model_max_length=max_length)
+  tok.save_pretrained(folder)
+  return tok

@@ -2,7 +2,6 @@
 random-init CLIPTextModels saved locally, converted, same outputs; the BPE tokenizer's rows as
 StableDiffusionPipeline builds them."""
 
-import json
 import logging
 
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from helpers import write_clip_vocab  # noqa: E402
 from jaxt2i.convert import transformers_clip  # noqa: E402
 from jaxt2i.data.tokenizer import CLIPTokenizer  # noqa: E402
 from jaxt2i.models.text_encoder import CLIPTextTransformer  # noqa: E402
@@ -82,39 +82,13 @@ def test_clip_text_errors(tmp_path):
     transformers_clip.clip_text_config_from_transformers({"hidden_act": "relu"})
 
 
-def _bytes_to_unicode():
-  """CLIP's byte -> printable character table (GPT-2's)."""
-  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1)))
-  cs, n = bs[:], 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return [chr(c) for c in cs]
-
-
-def _write_clip_vocab(folder, pad_token="<|endoftext|>"):
-  """A small byte-level BPE vocabulary in CLIP's format, saved like an SD `tokenizer/`."""
-  chars = _bytes_to_unicode()
-  merges = ["r e", "re d</w>", "b l", "bl u", "blu e</w>", "c i", "ci r", "cir c", "circ l",
-            "circl e</w>"]
-  vocab = chars + [c + "</w>" for c in chars]
-  vocab += [m.replace(" ", "") for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-  folder.mkdir(parents=True)
-  (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-  (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-  tok = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                                   pad_token=pad_token, model_max_length=12)
-  tok.save_pretrained(folder)
-  return tok
-
-
 @pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])
 def test_clip_tokenizer_rows(tmp_path, caplog, pad_token):
-  reference = _write_clip_vocab(tmp_path / "sd" / "tokenizer", pad_token)
-  tok = CLIPTokenizer.load(tmp_path / "sd")  # an SD folder
+  reference = write_clip_vocab(tmp_path / "sd" / "tokenizer", pad_token)
+  tok = CLIPTokenizer.load(tmp_path / "sd")  # an SD folder, with vocab.json and merges.txt
+  reference.save_pretrained(tmp_path / "saved")  # transformers 5 writes tokenizer.json
+  assert (tok.encode(["a red circle"])[0]
+          == CLIPTokenizer.load(tmp_path / "saved").encode(["a red circle"])[0]).all()
   prompts = ["a red circle", "", "Blue  CIRCLE!",
              "a red circle a blue circle a red circle a blue circle"]
   ids, mask = tok.encode(prompts)
@@ -134,5 +108,5 @@ def test_clip_tokenizer_rows(tmp_path, caplog, pad_token):
   assert ids.shape == (1, 20) and mask[0].sum() == 5  # bos, a, red, circle, eos
   with pytest.raises(TypeError, match="sequence of texts"):
     tok.encode("a red circle")
-  with pytest.raises(FileNotFoundError, match="vocab.json"):
+  with pytest.raises(FileNotFoundError, match="vocab.json and merges.txt, or tokenizer.json"):
     CLIPTokenizer.load(tmp_path / "nothing")

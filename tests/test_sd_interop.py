@@ -89,3 +89,74 @@ def test_vae_errors(tmp_path):
                                                             if not k.startswith("_")}))
   with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
     diffusers_vae.load_diffusers_vae(tmp_path)
+
+
+def _sd_folder(tmp_path):
+  """A tiny random-init Stable Diffusion 1.x-layout pipeline saved the diffusers way."""
+  transformers = pytest.importorskip("transformers")
+  from helpers import write_clip_vocab
+  tokenizer = write_clip_vocab(tmp_path / "tokenizer_src", max_length=12)
+  torch.manual_seed(0)
+  unet = diffusers.UNet2DConditionModel(
+      block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=8,
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+      attention_head_dim=4)
+  vae = _vae(dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                  latent_channels=4))
+  text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=12, eos_token_id=tokenizer.eos_token_id,
+      bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id))
+  scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012,
+                                      beta_schedule="scaled_linear", clip_sample=False,
+                                      set_alpha_to_one=False, steps_offset=1)
+  pipe = diffusers.StableDiffusionPipeline(
+      vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+      scheduler=scheduler, safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+  pipe.save_pretrained(tmp_path / "sd")
+  return tmp_path / "sd", pipe
+
+
+def test_from_diffusers_matches_stable_diffusion_pipeline(tmp_path):
+  """jaxt2i.from_diffusers on a saved StableDiffusionPipeline: the same images from the same
+  initial latents, with guidance and a negative prompt, as diffusers' own pipeline."""
+  import jaxt2i
+  folder, reference = _sd_folder(tmp_path)
+  pipe = jaxt2i.from_diffusers(folder, compilation_cache=False)
+  assert pipe.config.data.image_size == 16 and pipe.config.model.sampler == "ddim"
+  assert pipe.config.model.steps_offset == 1 and not pipe.config.model.set_alpha_to_one
+  latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+  prompts = ["a red circle", "a blue circle"]
+  for negative in (None, "red"):
+    with torch.no_grad():
+      theirs = reference(prompts, num_inference_steps=4, guidance_scale=7.5,
+                         negative_prompt=[negative] * 2 if negative else None,
+                         latents=torch.from_numpy(latents), output_type="np").images
+    ours = pipe(prompts, steps=4, guidance_scale=7.5, negative_prompt=negative,
+                latents=latents.transpose(0, 2, 3, 1), output="np")
+    assert ours.shape == theirs.shape == (2, 16, 16, 3) and ours.dtype == np.uint8
+    # Ours rounds to uint8; theirs is float in [0, 1].
+    np.testing.assert_allclose(ours / 255.0, theirs, atol=1.5 / 255)
+  # Unconditional (scale 1) as well: the prompt branch only.
+  with torch.no_grad():
+    theirs = reference(prompts[:1], num_inference_steps=3, guidance_scale=1.0,
+                       latents=torch.from_numpy(latents[:1]), output_type="np").images
+  ours = pipe(prompts[:1], steps=3, guidance_scale=1.0,
+              latents=latents[:1].transpose(0, 2, 3, 1), output="np")
+  np.testing.assert_allclose(ours / 255.0, theirs, atol=1.5 / 255)
+
+
+def test_from_diffusers_errors(tmp_path):
+  import jaxt2i
+  with pytest.raises(FileNotFoundError, match="missing unet/, vae/"):
+    jaxt2i.from_diffusers(tmp_path)
+  from jaxt2i.convert import diffusers_pipeline
+  with pytest.raises(ValueError, match="beta_schedule='sigmoid'"):
+    diffusers_pipeline.scheduler_fields({"beta_schedule": "sigmoid"})
+  fields = diffusers_pipeline.scheduler_fields(
+      {"_class_name": "DPMSolverMultistepScheduler", "beta_schedule": "scaled_linear",
+       "prediction_type": "v_prediction", "timestep_spacing": "trailing"})
+  assert fields["sampler"] == "dpmpp_2m" and fields["prediction_type"] == "v_prediction"
+  assert fields["timestep_spacing"] == "trailing"

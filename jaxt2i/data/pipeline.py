@@ -23,7 +23,7 @@ from etils import epath
 from PIL import Image
 
 from jaxt2i.data import builders
-from jaxt2i.data.tokenizer import Tokenizer, tokenizer_for_dataset
+from jaxt2i.data.tokenizer import CLIPTokenizer, Tokenizer, tokenizer_for_dataset
 
 # Keys every training batch carries.
 BATCH_KEYS = ("image", "tokens", "tokens_mask")
@@ -90,13 +90,17 @@ class InMemorySource:
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def load_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: Any = None) -> Tokenizer:
-  """The run's own copy (workdir/tokenizer.model) when there is one, else data.tokenizer, else
-  the one trained on (and cached for) the data set's captions."""
+def load_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: Any = None
+                   ) -> Tokenizer | CLIPTokenizer:
+  """The run's own copy (workdir/tokenizer.model) when there is one, else data.tokenizer (a
+  sentencepiece model file, or a folder with CLIP's vocab.json and merges.txt), else the one
+  trained on (and cached for) the data set's captions."""
   if workdir is not None and (epath.Path(workdir) / TOKENIZER_FILE).exists():
     path = epath.Path(workdir) / TOKENIZER_FILE
     return Tokenizer(path.read_bytes(), path=str(path))
   if data_cfg.tokenizer:
+    if epath.Path(data_cfg.tokenizer).is_dir():
+      return CLIPTokenizer.load(data_cfg.tokenizer)
     return Tokenizer.load(data_cfg.tokenizer)
   return tokenizer_for_dataset(data_cfg.name, data_dir=data_cfg.data_dir or None,
                                vocab_size=data_cfg.vocab_size)

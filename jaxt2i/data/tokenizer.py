@@ -274,8 +274,8 @@ def tokenizer_for_dataset(name: str, data_dir: str | os.PathLike | None = None,
 
 class CLIPTokenizer:
   """CLIP's byte-level BPE (Stable Diffusion's text tokenizer) from local files: a folder with
-  vocab.json and merges.txt (a Stable Diffusion folder's `tokenizer/`), through transformers'
-  CLIPTokenizer. `encode` gives the same fixed-length rows as StableDiffusionPipeline:
+  vocab.json and merges.txt, or tokenizer.json (a Stable Diffusion folder's `tokenizer/`),
+  through transformers' CLIPTokenizer. `encode` gives the same fixed-length rows as StableDiffusionPipeline:
   start-of-text, the text's tokens, end-of-text, then the pad token (end-of-text itself for SD
   1.x, "!" for SD 2.x, as tokenizer_config.json / special_tokens_map.json say)."""
 
@@ -286,12 +286,13 @@ class CLIPTokenizer:
   @classmethod
   def load(cls, path: str | os.PathLike) -> CLIPTokenizer:
     path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isdir(
+    has = lambda *names: all(os.path.isfile(os.path.join(path, n)) for n in names)  # noqa: E731
+    if not (has("vocab.json", "merges.txt") or has("tokenizer.json")) and os.path.isdir(
         os.path.join(path, "tokenizer")):
       path = os.path.join(path, "tokenizer")
-    for name in ("vocab.json", "merges.txt"):
-      if not os.path.isfile(os.path.join(path, name)):
-        raise FileNotFoundError(f"no CLIP tokenizer at {path}: {name} is missing")
+    if not (has("vocab.json", "merges.txt") or has("tokenizer.json")):
+      raise FileNotFoundError(f"no CLIP tokenizer at {path}: expected vocab.json and "
+                              "merges.txt, or tokenizer.json")
     try:
       import transformers
     except ImportError as e:

@@ -24,7 +24,7 @@ from etils import epath
 
 from jaxt2i.diffusion import samplers, schedules
 from jaxt2i.models.autoencoder import Autoencoder
-from jaxt2i.models.text_encoder import TextEncoder
+from jaxt2i.models.text_encoder import CLIPTextTransformer, TextEncoder
 from jaxt2i.models.unet import UNet
 from jaxt2i.tasks.base import Batch, PyTree, Task, register
 from jaxt2i.training.config import ConfigError
@@ -39,9 +39,11 @@ def autoencoder_from_config(model_cfg: Any, dtype: Any = jnp.float32) -> Autoenc
   return Autoencoder(kind=m["kind"], latent_channels=m["latent_channels"],
                      block_out_channels=tuple(m["block_out_channels"]),
                      layers_per_block=m["layers_per_block"], groups=m["norm_groups"],
-                     mid_attention=m["mid_attention"], num_codes=m["num_codes"],
-                     vq_beta=m["vq_beta"], vq_l2_normalize=m["vq_l2_normalize"],
-                     vq_ema_decay=m.get("vq_ema_decay", 0.0), dtype=dtype)
+                     mid_attention=m.get("mid_attention", True),
+                     num_codes=m.get("num_codes", 1024), vq_beta=m.get("vq_beta", 0.25),
+                     vq_l2_normalize=m.get("vq_l2_normalize", False),
+                     vq_ema_decay=m.get("vq_ema_decay", 0.0),
+                     in_channels=m.get("in_channels", 3), dtype=dtype)
 
 
 @register
@@ -55,12 +57,18 @@ class LatentDiffusionTask(Task):
     m.autoencoder_workdir = ""       # the trained first stage (configs/autoencoder_shapes.py)
     m.autoencoder = ml_collections.ConfigDict()  # its model fields, copied from that run
     m.latent_scale = 0.0             # latents are multiplied by this; 0 = 1/std measured at start
-    # Text encoder.
+    # Text encoder: "jaxt2i" (models/text_encoder.TextEncoder over the run's sentencepiece
+    # tokens, the fields below) or "clip" (CLIPTextTransformer with the `clip_text` fields, over
+    # CLIP BPE tokens: Stable Diffusion's, see jaxt2i.from_diffusers).
+    m.text_encoder = "jaxt2i"
+    m.clip_text = ml_collections.ConfigDict()
     m.text_width = 256
     m.text_depth = 4
     m.text_heads = 4
     m.text_trainable = True          # False keeps the text encoder at its initial weights
-    # U-Net.
+    # U-Net: the fields below, or all UNet fields at once in `unet` (e.g. SD's, from its
+    # diffusers config) when that is set.
+    m.unet = ml_collections.ConfigDict()
     m.block_out_channels = (64, 128, 256)
     m.layers_per_block = 2
     m.down_block_types = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -82,6 +90,9 @@ class LatentDiffusionTask(Task):
     m.caption_dropout = 0.1          # classifier-free guidance training
     # Sampling defaults (the eval hook, `jaxt2i eval`, the pipeline).
     m.sampler = "ddim"               # ddim | ddpm | dpmpp_2m
+    m.timestep_spacing = ""          # leading | trailing | linspace; '' = the sampler's default
+    m.steps_offset = 0               # diffusers' steps_offset (Stable Diffusion: 1)
+    m.set_alpha_to_one = True        # DDIM's final alpha-bar (Stable Diffusion: False)
     m.num_sampling_steps = 50
     m.guidance_scale = 5.0
     return m
@@ -97,8 +108,14 @@ class LatentDiffusionTask(Task):
     if m.sampler not in samplers.SAMPLERS:
       raise ConfigError(f"config.model.sampler={m.sampler!r}: choose one of "
                         f"{list(samplers.SAMPLERS)}")
-    if len(m.down_block_types) != len(m.block_out_channels) or len(m.up_block_types) != len(
-        m.block_out_channels):
+    if m.text_encoder not in ("jaxt2i", "clip"):
+      raise ConfigError(f"config.model.text_encoder={m.text_encoder!r}: choose 'jaxt2i' or "
+                        "'clip'")
+    if m.text_encoder == "clip" and not m.clip_text:
+      raise ConfigError("config.model.text_encoder='clip' needs config.model.clip_text (the "
+                        "CLIPTextTransformer fields)")
+    if not m.unet and (len(m.down_block_types) != len(m.block_out_channels)
+                       or len(m.up_block_types) != len(m.block_out_channels)):
       raise ConfigError("config.model.down_block_types / up_block_types need one entry per "
                         f"block_out_channels entry ({len(m.block_out_channels)})")
     self.schedule  # unknown schedule / prediction type raise here  # noqa: B018
@@ -162,8 +179,23 @@ class LatentDiffusionTask(Task):
                                    rescale_zero_terminal_snr=m.rescale_zero_terminal_snr)
 
   @property
-  def text_encoder(self) -> TextEncoder:
+  def tokenized_unconditional(self) -> bool:
+    """Whether the unconditional prompt is the tokenized empty string (CLIP, as Stable
+    Diffusion was trained) rather than all padding (caption dropout here)."""
+    return self.config.model.text_encoder == "clip"
+
+  @property
+  def text_width(self) -> int:
     m = self.config.model
+    return m.clip_text.hidden_size if m.text_encoder == "clip" else m.text_width
+
+  @property
+  def text_encoder(self) -> TextEncoder | CLIPTextTransformer:
+    m = self.config.model
+    if m.text_encoder == "clip":
+      return CLIPTextTransformer(**m.clip_text.to_dict(),
+                                 attention_implementation=m.attention_implementation,
+                                 dtype=self.compute_dtype)
     return TextEncoder(vocab_size=self.config.data.vocab_size,
                        max_length=self.config.data.max_caption_length, width=m.text_width,
                        depth=m.text_depth, num_heads=m.text_heads,
@@ -173,6 +205,10 @@ class LatentDiffusionTask(Task):
   @property
   def unet(self) -> UNet:
     m = self.config.model
+    if m.unet:
+      fields = {k: tuple(v) if isinstance(v, list) else v for k, v in m.unet.to_dict().items()}
+      return UNet(**{**fields, "attention_implementation": m.attention_implementation,
+                     "dtype": self.compute_dtype})
     latent = self.autoencoder.latent_channels
     return UNet(in_channels=latent, out_channels=latent,
                 block_out_channels=tuple(m.block_out_channels),
@@ -192,7 +228,7 @@ class LatentDiffusionTask(Task):
     text = self.text_encoder.init(r1, batch["tokens"], batch["tokens_mask"])["params"]
     b = batch["tokens"].shape[0]
     latents = jnp.zeros((b,) + self.latent_shape(), jnp.float32)
-    context = jnp.zeros((b, batch["tokens"].shape[1], self.config.model.text_width))
+    context = jnp.zeros((b, batch["tokens"].shape[1], self.text_width))
     unet = self.unet.init(r2, latents, jnp.zeros((b,), jnp.int32), context)["params"]
     # Replaced by the trained first stage in a fresh run (initial_values), then frozen.
     size = self.config.data.image_size
@@ -202,6 +238,11 @@ class LatentDiffusionTask(Task):
   # -- training --------------------------------------------------------------------------------
 
   def encode_text(self, params: PyTree, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    if self.config.model.text_encoder == "clip":
+      # Stable Diffusion's U-Nets saw CLIP's states of the padded row, pads included, under
+      # the causal mask alone (no padding mask).
+      return self.text_encoder.apply({"params": params["text_encoder"]},
+                                     tokens)["last_hidden_state"]
     states, _ = self.text_encoder.apply({"params": params["text_encoder"]}, tokens, mask)
     return states
 
@@ -275,7 +316,9 @@ class LatentDiffusionTask(Task):
 
     denoise = samplers.guided(both, guidance_scale, guidance_rescale)
     out = samplers.sample(denoise, self.schedule, latents, r_loop, sampler=sampler,
-                          num_steps=num_steps, eta=eta if sampler == "ddim" else 0.0)
+                          num_steps=num_steps, eta=eta if sampler == "ddim" else 0.0,
+                          timestep_spacing=m.timestep_spacing or None,
+                          steps_offset=m.steps_offset, set_alpha_to_one=m.set_alpha_to_one)
     return self.decode_latents(params, out)
 
   def sample(self, params: PyTree, batch: Batch, rng: jax.Array) -> jax.Array:

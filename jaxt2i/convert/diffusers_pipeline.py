@@ -1,0 +1,128 @@
+"""A local diffusers Stable Diffusion folder as a jaxt2i latent-diffusion run.
+
+    pipe = jaxt2i.from_diffusers("path/to/stable-diffusion-v1-5")
+    images = pipe(["a photo of an astronaut riding a horse"], seed=0, steps=50,
+                  guidance_scale=7.5)
+
+The folder is what `StableDiffusionPipeline.save_pretrained` writes (model_index.json,
+unet/, vae/, text_encoder/, tokenizer/, scheduler/; safetensors or .bin weights). Each part is
+converted (convert/diffusers_unet, diffusers_vae, transformers_clip), the scheduler config is
+mapped onto jaxt2i's schedule and sampler settings, and the result is the same Pipeline that
+`jaxt2i.load` returns for a trained run: config.task "latent_diffusion" with
+model.text_encoder "clip". Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+
+from jaxt2i.convert.diffusers_unet import load_diffusers_unet, unet_config_from_diffusers
+from jaxt2i.convert.diffusers_vae import load_diffusers_vae
+from jaxt2i.convert.transformers_clip import clip_text_config_from_transformers, \
+    load_clip_text_encoder
+
+log = logging.getLogger(__name__)
+
+# diffusers scheduler class -> jaxt2i sampler. PNDM (SD 1.x's default) and the other
+# multistep solvers are not implemented; DDIM with the same schedule stands in for them.
+_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm",
+             "DPMSolverMultistepScheduler": "dpmpp_2m"}
+_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",
+              "squaredcos_cap_v2": "cosine"}
+_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  with open(path) as f:
+    return json.load(f)
+
+
+def scheduler_fields(config: dict[str, Any]) -> dict[str, Any]:
+  """LatentDiffusionTask model fields from a diffusers scheduler config."""
+  if config.get("trained_betas") is not None:
+    raise ValueError("scheduler config: trained_betas (explicit betas) are not supported")
+  kind = config.get("beta_schedule", "linear")
+  if kind not in _SCHEDULES:
+    raise ValueError(f"scheduler config: beta_schedule={kind!r} is not supported (supported: "
+                     f"{sorted(_SCHEDULES)})")
+  name = config.get("_class_name", "DDIMScheduler")
+  sampler = _SAMPLERS.get(name)
+  if sampler is None:
+    log.warning("scheduler %s is not implemented in jaxt2i; sampling with DDIM on the same "
+                "noise schedule (pass sampler='dpmpp_2m' or 'ddpm' to choose another)", name)
+    sampler = "ddim"
+  return {"schedule": _SCHEDULES[kind],
+          "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
+          "beta_start": float(config.get("beta_start", 0.0001)),
+          "beta_end": float(config.get("beta_end", 0.02)),
+          "prediction_type": config.get("prediction_type", "epsilon"),
+          "rescale_zero_terminal_snr": bool(config.get("rescale_betas_zero_snr", False)),
+          "sampler": sampler,
+          "timestep_spacing": config.get("timestep_spacing", "") or "",
+          "steps_offset": int(config.get("steps_offset", 0)),
+          "set_alpha_to_one": bool(config.get("set_alpha_to_one", True))}
+
+
+def from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
+                   attention_implementation: str = "auto", guidance_scale: float = 7.5,
+                   num_sampling_steps: int = 50, **pipeline_kwargs: Any):
+  """The Stable Diffusion folder at `path` as a jaxt2i Pipeline (see the module docstring).
+
+  Args:
+    path: the local folder.
+    dtype: compute dtype, "float32" or "bfloat16" (weights stay float32).
+    attention_implementation: "auto", "einsum", "xla" or "cudnn".
+    guidance_scale, num_sampling_steps: the pipeline's defaults (StableDiffusionPipeline's).
+    **pipeline_kwargs: for jaxt2i.pipelines.Pipeline (devices, compilation_cache).
+  """
+  from jaxt2i.pipelines import Pipeline
+  from jaxt2i.tasks.base import get_task
+  from jaxt2i.tasks.ldm import LatentDiffusionTask
+  from jaxt2i.training import config as config_lib
+
+  path = os.fspath(path)
+  missing = [p for p in _PARTS if not os.path.isdir(os.path.join(path, p))]
+  if missing:
+    raise FileNotFoundError(f"{path} is not a diffusers Stable Diffusion folder: missing "
+                            f"{', '.join(p + '/' for p in missing)}")
+  unet_config = _read_json(os.path.join(path, "unet", "config.json"))
+  unet, unet_params = load_diffusers_unet(os.path.join(path, "unet"))
+  vae, vae_params, scaling_factor = load_diffusers_vae(os.path.join(path, "vae"))
+  _, text_params = load_clip_text_encoder(os.path.join(path, "text_encoder"))
+  clip_fields = clip_text_config_from_transformers(
+      _read_json(os.path.join(path, "text_encoder", "config.json")))
+  scheduler_file = os.path.join(path, "scheduler", "scheduler_config.json")
+  scheduler = _read_json(scheduler_file) if os.path.isfile(scheduler_file) else {}
+
+  config = config_lib.trainer_defaults()
+  model = LatentDiffusionTask.default_model_config()
+  unet_fields = unet_config_from_diffusers(unet_config)
+  model.update({
+      "autoencoder_workdir": "",
+      "autoencoder": {"kind": "kl", "latent_channels": vae.latent_channels,
+                      "block_out_channels": tuple(vae.block_out_channels),
+                      "layers_per_block": vae.layers_per_block, "norm_groups": vae.groups,
+                      "mid_attention": vae.mid_attention, "in_channels": vae.in_channels},
+      "latent_scale": scaling_factor,
+      "text_encoder": "clip", "clip_text": clip_fields,
+      "unet": unet_fields, "attention_implementation": attention_implementation,
+      "caption_dropout": 0.0, "guidance_scale": float(guidance_scale),
+      "num_sampling_steps": int(num_sampling_steps),
+      **scheduler_fields(scheduler)})
+  config.task = LatentDiffusionTask.name
+  config.model = model
+  sample_size = unet_config.get("sample_size") or 64
+  config.data.image_size = int(sample_size) * vae.downsample_factor
+  config.data.tokenizer = os.path.join(path, "tokenizer")
+  config.data.max_caption_length = clip_fields.get("max_position_embeddings", 77)
+  config.data.value_range = (-1.0, 1.0)
+  config.train.compute_dtype = dtype
+  task = get_task(config)
+  params = {"unet": unet_params, "text_encoder": text_params, "autoencoder": vae_params}
+  log.info("loaded %s: U-Net %s, %d-px images, %s sampler", path,
+           tuple(unet.block_out_channels), config.data.image_size, model.sampler)
+  return Pipeline(None, run=(config, task, params), **pipeline_kwargs)
