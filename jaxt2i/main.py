@@ -10,6 +10,7 @@
   jaxt2i eval fid --images A --reference B --inception_weights FILE
   jaxt2i sample --workdir DIR --prompt "..." [--prompt ...] [--out grid.png]
   jaxt2i convert dall-e-dvae --encoder encoder.pkl --decoder decoder.pkl --out DIR
+  jaxt2i convert to-diffusers WORKDIR OUT
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ commands:
                --inception_weights pt_inception-2015-12-05-6726825d.pth
   convert    published weights -> a jaxt2i run directory (local files only):
                jaxt2i convert dall-e-dvae --encoder encoder.pkl --decoder decoder.pkl --out DIR
+             a latent-diffusion run -> a diffusers Stable Diffusion folder:
+               jaxt2i convert to-diffusers WORKDIR OUT
 
 `jaxt2i COMMAND --help` explains each command's options.
 """
@@ -308,12 +311,27 @@ def _convert(argv: list[str]) -> None:
   dalle.add_argument("--out", required=True, help="the run directory to write (must be new)")
   dalle.add_argument("--image_size", type=int, default=256,
                      help="config.data.image_size of the run (the published model: 256)")
+  export = sub.add_parser(
+      "to-diffusers", help="a latent-diffusion run -> a diffusers Stable Diffusion folder",
+      description="Writes OUT as a diffusers folder (model_index.json, unet/, vae/, "
+      "scheduler/, and text_encoder/ + tokenizer/ for runs with a CLIP text encoder) that "
+      "StableDiffusionPipeline.from_pretrained and jaxt2i.from_diffusers read. EMA weights "
+      "unless --no_ema.")
+  export.add_argument("workdir", help="the latent-diffusion run")
+  export.add_argument("out", help="the folder to write")
+  export.add_argument("--no_ema", action="store_true", help="the raw (not EMA) weights")
   args = parser.parse_args(argv)
   _quiet_logs(False)
   try:
-    from jaxt2i.convert.dall_e import convert_dall_e_dvae
-    summary = convert_dall_e_dvae(args.encoder, args.decoder, args.out,
-                                  image_size=args.image_size)
+    if args.kind == "to-diffusers":
+      from jaxt2i.convert.to_diffusers import save_diffusers
+      from jaxt2i.eval.runner import load_run
+      config, task, params = load_run(args.workdir, ema=not args.no_ema)
+      summary = {"out": args.out, "parts": save_diffusers(config, task, params, args.out)}
+    else:
+      from jaxt2i.convert.dall_e import convert_dall_e_dvae
+      summary = convert_dall_e_dvae(args.encoder, args.decoder, args.out,
+                                    image_size=args.image_size)
   except (ValueError, FileNotFoundError, ImportError) as e:
     sys.exit(f"jaxt2i convert {args.kind}: {e}")
   print(json.dumps(summary, indent=2))

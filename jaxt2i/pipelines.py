@@ -205,6 +205,13 @@ class Pipeline:
     return [Image.fromarray(im) for im in images]
 
 
+  def save_diffusers(self, out: str | os.PathLike) -> list[str]:
+    """Writes this latent-diffusion model as a diffusers Stable Diffusion folder (see
+    jaxt2i.convert.to_diffusers); returns the parts written."""
+    from jaxt2i.convert.to_diffusers import save_diffusers
+    return save_diffusers(self.config, self.task, self.params, out)
+
+
 def load(workdir: str | os.PathLike, **kwargs) -> Pipeline:
   """A sampling pipeline for the run in `workdir` (see `Pipeline`)."""
   logging.info("loading %s", workdir)

@@ -149,3 +149,33 @@ def test_pipeline_on_a_latent_diffusion_run(ldm_run):
   np.testing.assert_array_equal(c, d)  # DDIM with eta 0: the latents decide everything
   with pytest.raises(ValueError, match="latents has 3 rows"):
     pipe([prompt], num_images_per_prompt=2, latents=np.zeros((3,) + shape[1:]), steps=3)
+
+
+def test_convert_to_diffusers(ldm_run, tmp_path, capsys):
+  """`jaxt2i convert to-diffusers` on a trained run: diffusers loads the U-Net and the
+  autoencoder and computes what jaxt2i does (the sentencepiece text encoder stays behind)."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from jaxt2i import main
+  from jaxt2i.eval.runner import load_run
+  workdir, _, _ = ldm_run
+  main.run(["convert", "to-diffusers", str(workdir), str(tmp_path / "out")])
+  assert json.loads(capsys.readouterr().out)["parts"] == ["unet", "vae", "scheduler"]
+  config, task, params = load_run(workdir)
+  unet = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet").eval()
+  vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "out" / "vae").eval()
+  assert vae.config.scaling_factor == pytest.approx(config.model.latent_scale)
+  rng = np.random.default_rng(0)
+  latents = rng.standard_normal((2,) + task.latent_shape()).astype(np.float32)
+  context = rng.standard_normal((2, 5, task.text_width)).astype(np.float32)
+  t = np.array([10, 700])
+  ours = task.unet.apply({"params": params["unet"]}, latents, t, context)
+  with torch.no_grad():
+    theirs = unet(torch.from_numpy(latents.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                  torch.from_numpy(context)).sample.numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * np.abs(theirs).max())
+  with torch.no_grad():
+    theirs = vae.decode(torch.from_numpy(latents.transpose(0, 3, 1, 2))).sample.numpy()
+  ours = task.autoencoder.apply({"params": params["autoencoder"]}, latents, method="decode")
+  np.testing.assert_allclose(np.asarray(ours), theirs.transpose(0, 2, 3, 1),
+                             atol=1e-4 * np.abs(theirs).max())

@@ -83,3 +83,24 @@ def set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
   for name in path[:-1]:
     tree = tree.setdefault(name, {})
   tree[path[-1]] = value
+
+
+def to_state_dict(params: Mapping[str, Any], layout: Mapping[str, tuple[tuple[str, ...],
+                                                                      tuple[int, ...],
+                                                                      tuple[int, ...]]]
+                  ) -> dict[str, np.ndarray]:
+  """The inverse of the converters' params-from-state_dict step, for a layout of
+  torch key -> (param path, Flax shape, torch shape) in which a convolution kernel is HWIO
+  (torch OIHW) and any other kernel is the torch [out, in] matrix transposed and reshaped:
+  {torch key: float32 array} ready for safetensors."""
+  out = {}
+  for key, (path, _, torch_shape) in layout.items():
+    value = params
+    for name in path:
+      value = value[name]
+    value = np.asarray(value, np.float32)
+    if path[-1] == "kernel":
+      value = (value.transpose(3, 2, 0, 1) if value.ndim == 4
+               else value.reshape(torch_shape[1], torch_shape[0]).T)
+    out[key] = np.ascontiguousarray(value.reshape(torch_shape))
+  return out
