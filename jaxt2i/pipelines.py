@@ -123,11 +123,16 @@ class Pipeline:
                negative_prompt: str | Sequence[str] | None = None,
                latents: np.ndarray | None = None, output: str = "pil",
                num_candidates: int | None = None, rerank: int | None = None,
+               image: Any = None, mask_image: Any = None, strength: float | None = None,
                **options: float):
     """Images for `prompts` (prompt-major: all samples of the first prompt first).
 
     `latents`: the initial noise [N, h, w, c] (NHWC), like diffusers' pipelines; `output`:
     "pil" (list of PIL images) or "np" (uint8 [N, H, W, 3]).
+    `image` (latent diffusion): img2img from a PIL image or uint8 / [0, 1] float array
+    (one for every prompt, or one per prompt), `strength` in [0, 1] (default 0.8: how much
+    of the schedule to rerun); with `mask_image` (white / 1 = repaint; default strength 1)
+    inpainting.
     `num_candidates=N, rerank=K` (runs with a CLIP model, e.g. DALL-E): draw N images per
     prompt and return the K best by CLIP score, best first (K defaults to
     num_images_per_prompt). Further keyword settings go to the model's sampler as traced
@@ -149,6 +154,15 @@ class Pipeline:
       raise ValueError(f"unknown sampling setting(s) {unknown} for a {self.config.task!r} "
                        f"run; it takes {sorted(accepted - _FIXED_ARGUMENTS)}")
     options = {k: v for k, v in options.items() if v is not None}
+    if image is None and (mask_image is not None or strength is not None):
+      raise ValueError("mask_image and strength need an image")
+    if image is not None:
+      if "image" not in accepted:
+        raise ValueError(f"{self.config.task!r} runs do not take an image (img2img)")
+      if strength is not None and not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength={strength} must be in [0, 1]")
+      if strength is not None:
+        options["strength"] = float(strength)
     keep = num_images_per_prompt if rerank is None else int(rerank)
     candidates = int(num_candidates or 1)
     if rerank is not None and num_images_per_prompt not in (1, keep):
@@ -189,10 +203,17 @@ class Pipeline:
       latents = jax.device_put(pad(latents), self._batch)
     put = lambda x: jax.device_put(pad(x), self._batch)  # noqa: E731
     program = self._program(padded, sampler, latents is not None, guided,
-                            tuple(sorted(options)), candidates, keep)
+                            tuple(sorted(options)) + (image is not None, mask_image is not None),
+                            candidates, keep)
     before = program._cache_size() if hasattr(program, "_cache_size") else None
     extra = {k: jnp.asarray(v, jnp.int32 if isinstance(v, int) else jnp.float32)
              for k, v in options.items()}
+    if image is not None:
+      images = self._images(image, len(prompts), num_images_per_prompt)
+      extra["image"] = put(images)
+      if mask_image is not None:
+        extra["inpaint_mask"] = put(self._latent_mask(mask_image, len(prompts),
+                                                      num_images_per_prompt))
     images = program(self.params, put(tokens), put(mask), put(neg_tokens), put(neg_mask),
                      jax.random.key(seed), jnp.float32(scale), jnp.int32(steps),
                      jnp.float32(eta), latents, extra)
@@ -204,6 +225,53 @@ class Pipeline:
     from PIL import Image
     return [Image.fromarray(im) for im in images]
 
+
+  # -- img2img / inpainting inputs ----------------------------------------------------------
+
+  def _per_row(self, x: np.ndarray, num_prompts: int, per_prompt: int, what: str) -> np.ndarray:
+    """[H, W, ...] or [1 | num_prompts, H, W, ...] -> one row per output image."""
+    if x.ndim in (2, 3) and (what == "mask_image" or x.shape[-1] in (1, 3, 4)):
+      x = x[None]
+    if x.shape[0] == 1:
+      x = np.repeat(x, num_prompts, 0)
+    if x.shape[0] != num_prompts:
+      raise ValueError(f"{x.shape[0]} {what}s for {num_prompts} prompts: give one, or one per "
+                       "prompt")
+    return np.repeat(x, per_prompt, 0)
+
+  @staticmethod
+  def _as_array(x: Any, mode: str) -> np.ndarray:
+    from PIL import Image
+    if isinstance(x, Image.Image):
+      return np.asarray(x.convert(mode))
+    if isinstance(x, (list, tuple)):
+      return np.stack([Pipeline._as_array(v, mode) for v in x])
+    return np.asarray(x)
+
+  def _images(self, image: Any, num_prompts: int, per_prompt: int) -> np.ndarray:
+    """Images in the run's value range, [N, size, size, 3] float32."""
+    x = self._as_array(image, "RGB")
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    x = self._per_row(x, num_prompts, per_prompt, "image")
+    size = self.config.data.image_size
+    if x.shape[1:] != (size, size, 3):
+      raise ValueError(f"image has shape {x.shape[1:]}; this model takes {size}x{size} RGB "
+                       "images (resize or crop them first)")
+    low, high = self.config.data.value_range
+    return low + (high - low) * np.clip(x, 0.0, 1.0)
+
+  def _latent_mask(self, mask: Any, num_prompts: int, per_prompt: int) -> np.ndarray:
+    """The repaint mask at latent size [N, h, w, 1] (1 = repaint), binarised at 0.5 and
+    subsampled (nearest) as diffusers' inpainting pipeline does."""
+    x = self._as_array(mask, "L")
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    if x.ndim >= 3 and x.shape[-1] == 1:
+      x = x[..., 0]
+    x = self._per_row(x, num_prompts, per_prompt, "mask_image")
+    size, f = self.config.data.image_size, self.task.autoencoder.downsample_factor
+    if x.shape[1:] != (size, size):
+      raise ValueError(f"mask_image has shape {x.shape[1:]}; expected {size}x{size}")
+    return (x[:, ::f, ::f, None] >= 0.5).astype(np.float32)
 
   def save_diffusers(self, out: str | os.PathLike) -> list[str]:
     """Writes this latent-diffusion model as a diffusers Stable Diffusion folder (see

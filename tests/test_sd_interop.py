@@ -191,3 +191,54 @@ def test_to_diffusers_round_trip(tmp_path):
     after = loaded(["a red circle"], num_inference_steps=3, latents=latents,
                    output_type="np").images
   np.testing.assert_allclose(after, before, atol=1e-5)
+
+
+def _fixed_randomness(monkeypatch, module, noise):
+  """diffusers' img2img / inpainting pipelines draw the initial noise and sample the VAE
+  posterior from torch's generator: make them use `noise` and the posterior mean, as the
+  jaxt2i call does (latents=noise)."""
+  monkeypatch.setattr(module, "randn_tensor", lambda shape, **kwargs: noise.clone())
+  monkeypatch.setattr(module, "retrieve_latents",
+                      lambda out, generator=None, sample_mode="sample": out.latent_dist.mode())
+
+
+def test_img2img_and_inpainting_match_diffusers(tmp_path, monkeypatch):
+  import jaxt2i
+  from diffusers.pipelines.stable_diffusion import (pipeline_stable_diffusion_img2img as i2i,
+                                                    pipeline_stable_diffusion_inpaint as inp)
+  from PIL import Image
+  folder, _ = _sd_folder(tmp_path)
+  pipe = jaxt2i.from_diffusers(folder, compilation_cache=False)
+  rng = np.random.default_rng(2)
+  init = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+  noise = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+  ours_noise = noise.transpose(0, 2, 3, 1)
+
+  _fixed_randomness(monkeypatch, i2i, torch.from_numpy(noise))
+  img2img = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folder)
+  for strength in (0.6, 1.0):
+    with torch.no_grad():
+      theirs = img2img(["a red circle"], image=init, strength=strength, num_inference_steps=5,
+                       guidance_scale=7.5, output_type="np").images
+    ours = pipe(["a red circle"], image=init, strength=strength, steps=5, guidance_scale=7.5,
+                latents=ours_noise, output="np")
+    np.testing.assert_allclose(ours / 255.0, theirs, atol=1.5 / 255)
+
+  mask = np.zeros((16, 16), np.uint8)
+  mask[4:12, 2:10] = 255  # repaint this
+  _fixed_randomness(monkeypatch, inp, torch.from_numpy(noise))
+  inpaint = diffusers.StableDiffusionInpaintPipeline.from_pretrained(folder)
+  with torch.no_grad():
+    theirs = inpaint(["a red circle"], image=init, mask_image=Image.fromarray(mask),
+                     num_inference_steps=5, guidance_scale=7.5, latents=torch.from_numpy(noise),
+                     output_type="np").images
+  ours = pipe(["a red circle"], image=init, mask_image=Image.fromarray(mask), steps=5,
+              guidance_scale=7.5, latents=ours_noise, output="np")
+  np.testing.assert_allclose(ours / 255.0, theirs, atol=1.5 / 255)
+
+  with pytest.raises(ValueError, match="need an image"):
+    pipe(["a red circle"], strength=0.5)
+  with pytest.raises(ValueError, match="strength=1.5"):
+    pipe(["a red circle"], image=init, strength=1.5)
+  with pytest.raises(ValueError, match="this model takes 16x16"):
+    pipe(["a red circle"], image=np.zeros((8, 8, 3), np.uint8))

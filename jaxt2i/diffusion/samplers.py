@@ -335,8 +335,8 @@ def _dpm_sigma(schedule: schedules_lib.Schedule, t: jax.Array) -> jax.Array:
 
 def dpmpp_2m_step(schedule: schedules_lib.Schedule, i: Any, num_steps: Any,
                   model_output: jax.Array, x_t: jax.Array, prev_x0: jax.Array, *,
-                  timestep_spacing: str = "linspace",
-                  steps_offset: int = 0) -> tuple[jax.Array, jax.Array]:
+                  timestep_spacing: str = "linspace", steps_offset: int = 0,
+                  first_step: Any = 0) -> tuple[jax.Array, jax.Array]:
   """One DPM-Solver++(2M) step (Lu et al. 2022, Algorithm 2, midpoint form) in log-SNR time.
 
   With alpha = 1 / sqrt(1 + sigma^2), sigma_t = sigma * alpha, lambda = log(alpha / sigma_t) and
@@ -353,6 +353,7 @@ def dpmpp_2m_step(schedule: schedules_lib.Schedule, i: Any, num_steps: Any,
     prev_x0: the x_0 estimate returned by step i - 1 (ignored at i = 0).
     timestep_spacing: diffusers' timestep_spacing (its default for this scheduler is "linspace").
     steps_offset: diffusers' steps_offset ("leading" only).
+    first_step: the step the loop started at (img2img starts part-way): it is first order.
 
   Returns:
     (x_next, x_0 estimate); pass the latter as prev_x0 to step i + 1.
@@ -388,7 +389,7 @@ def dpmpp_2m_step(schedule: schedules_lib.Schedule, i: Any, num_steps: Any,
   x0_coeff = alpha_t * (jnp.exp(-h) - 1.0)
   x_next = (sigma_t / sigma_s0) * x_t - x0_coeff * x0
   # The second-order correction; its coefficient is NaN at the last step, hence the where.
-  first_order = (i == 0) | (i == last)
+  first_order = (i == first_step) | (i == last)
   d1_coeff = jnp.where(first_order, 0.0, 0.5 * x0_coeff * (1.0 / r0))
   return x_next - d1_coeff * (x0 - prev_x0), x0
 
@@ -401,7 +402,8 @@ def sample(denoise_fn: DenoiseFn, schedule: schedules_lib.Schedule, x_T: jax.Arr
            rng: jax.Array | None = None, *, sampler: str = "ddim", num_steps: Any,
            eta: Any = 0.0, timestep_spacing: str | None = None, steps_offset: int = 0,
            set_alpha_to_one: bool = True, clip_sample: bool = False,
-           clip_sample_range: Any = 1.0) -> jax.Array:
+           clip_sample_range: Any = 1.0, start_step: Any = 0,
+           blend: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:
   """Runs a sampler from x_T to x_0 in one `lax.fori_loop`; meant to be called under `jax.jit`.
 
   `num_steps`, `eta` and `clip_sample_range` may be traced: one compilation serves every value.
@@ -430,6 +432,10 @@ def sample(denoise_fn: DenoiseFn, schedule: schedules_lib.Schedule, x_T: jax.Arr
     set_alpha_to_one: DDIM only: abar after the last step is 1 (True) or abar_0 (SD: False).
     clip_sample: ddpm / ddim: clip x_0 estimates to [-clip_sample_range, clip_sample_range].
     clip_sample_range: the clip bound.
+    start_step: run steps start_step .. num_steps - 1 only (may be traced): img2img, whose x_T
+      is the image's latents noised to timestep(start_step).
+    blend: (i, x after step i) -> x, applied after every step (inpainting puts the known
+      region back).
 
   Returns:
     The final sample, float32 like the loop carry, shape of x_T.
@@ -466,8 +472,14 @@ def sample(denoise_fn: DenoiseFn, schedule: schedules_lib.Schedule, x_T: jax.Arr
   valid &= timestep(sampler, big_t, 0, jnp.clip(n, 1, max_steps), timestep_spacing=spacing,
                     steps_offset=steps_offset) < big_t
 
+  start = jnp.clip(jnp.asarray(start_step, jnp.int32), 0, n)
+
   def body(i, carry):
     x, prev_x0 = carry
+    x, x0 = step(i, x, prev_x0)
+    return (x, x0) if blend is None else (blend(i, x), x0)
+
+  def step(i, x, prev_x0):
     t = timestep(sampler, big_t, i, n, timestep_spacing=spacing, steps_offset=steps_offset)
     model_output = denoise_fn(x, jnp.full((batch,), t, jnp.int32)).astype(jnp.float32)
     noise = None
@@ -482,9 +494,9 @@ def sample(denoise_fn: DenoiseFn, schedule: schedules_lib.Schedule, x_T: jax.Arr
                        steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
                        clip_sample=clip_sample, clip_sample_range=clip_sample_range)
     return dpmpp_2m_step(schedule, i, n, model_output, x, prev_x0, timestep_spacing=spacing,
-                         steps_offset=steps_offset)
+                         steps_offset=steps_offset, first_step=start)
 
-  x, _ = jax.lax.fori_loop(0, jnp.where(valid, n, 0), body, (x, jnp.zeros_like(x)))
+  x, _ = jax.lax.fori_loop(start, jnp.where(valid, n, 0), body, (x, jnp.zeros_like(x)))
   return jnp.where(valid, x, jnp.nan)
 
 

@@ -292,11 +292,19 @@ class LatentDiffusionTask(Task):
                guidance_scale: Any = None, num_steps: Any = None, sampler: str | None = None,
                eta: Any = 0.0, negative_tokens: jax.Array | None = None,
                negative_mask: jax.Array | None = None, latents: jax.Array | None = None,
-               guidance_rescale: Any = 0.0) -> jax.Array:
+               guidance_rescale: Any = 0.0, image: jax.Array | None = None,
+               inpaint_mask: jax.Array | None = None, strength: Any = None) -> jax.Array:
     """uint8 images [B, H, W, 3] for token batches; every numeric argument may be traced.
 
     The unconditional branch is the empty caption (all padding) unless negative tokens are
-    given; both halves run in one U-Net call per step.
+    given; both halves run in one U-Net call per step. `latents` is the initial noise.
+
+    img2img (`image` [B, H, W, 3] in the data value range, `strength` in [0, 1], default
+    0.8): the image's latents noised to the timestep of step n - floor(n * strength), then
+    the remaining steps (diffusers' StableDiffusionImg2ImgPipeline). Inpainting (also
+    `inpaint_mask` [B, h, w, 1] at latent size, 1 = repaint; strength default 1, which starts
+    from pure noise): after every step the kept region is reset to the image's latents noised
+    to the next step's timestep (StableDiffusionInpaintPipeline with a plain U-Net).
     """
     m = self.config.model
     guidance_scale = m.guidance_scale if guidance_scale is None else guidance_scale
@@ -315,10 +323,32 @@ class LatentDiffusionTask(Task):
       return self.unet.apply({"params": params["unet"]}, x, t, context).astype(jnp.float32)
 
     denoise = samplers.guided(both, guidance_scale, guidance_rescale)
+    spacing = dict(timestep_spacing=m.timestep_spacing or None, steps_offset=m.steps_offset)
+    start, blend = 0, None
+    if image is not None:
+      schedule, noise = self.schedule, latents
+      n = jnp.asarray(num_steps, jnp.int32)
+      if strength is None:
+        strength = 1.0 if inpaint_mask is not None else 0.8
+      strength = jnp.clip(jnp.asarray(strength, jnp.float32), 0.0, 1.0)
+      start = n - jnp.minimum(jnp.floor(n * strength).astype(jnp.int32), n)
+      at = lambda i: jnp.full((b,), samplers.timestep(  # noqa: E731
+          sampler, m.num_train_timesteps, jnp.minimum(i, n - 1), n, **spacing), jnp.int32)
+      known = self.encode_images(params, image, None)
+      latents = schedules.add_noise(schedule, known, noise, at(start))
+      if inpaint_mask is not None:
+        latents = jnp.where(strength >= 1.0, noise, latents)
+        repaint = inpaint_mask.astype(jnp.float32)
+
+        def keep_known(i, x):
+          kept = jnp.where(i < n - 1, schedules.add_noise(schedule, known, noise, at(i + 1)),
+                           known)
+          return (1.0 - repaint) * kept + repaint * x
+        blend = keep_known
     out = samplers.sample(denoise, self.schedule, latents, r_loop, sampler=sampler,
                           num_steps=num_steps, eta=eta if sampler == "ddim" else 0.0,
-                          timestep_spacing=m.timestep_spacing or None,
-                          steps_offset=m.steps_offset, set_alpha_to_one=m.set_alpha_to_one)
+                          set_alpha_to_one=m.set_alpha_to_one, start_step=start, blend=blend,
+                          **spacing)
     return self.decode_latents(params, out)
 
   def sample(self, params: PyTree, batch: Batch, rng: jax.Array) -> jax.Array:
