@@ -242,3 +242,31 @@ def test_img2img_and_inpainting_match_diffusers(tmp_path, monkeypatch):
     pipe(["a red circle"], image=init, strength=1.5)
   with pytest.raises(ValueError, match="this model takes 16x16"):
     pipe(["a red circle"], image=np.zeros((8, 8, 3), np.uint8))
+
+
+def test_finetune_a_loaded_model_with_the_trainer(tmp_path):
+  """configs/sd_finetune.py on a saved Stable Diffusion folder: the run starts from its
+  weights, trains the U-Net only (VAE and CLIP frozen), drops captions to CLIP's empty-prompt
+  row, and the result samples through jaxt2i.load and exports back to diffusers."""
+  import jax
+  import jaxt2i
+  import jaxt2i.data.tokenizer
+  from helpers import override, records, train_run
+  from configs.sd_finetune import get_config
+  folder, _ = _sd_folder(tmp_path)
+  config = override(get_config(str(folder)), **{
+      "batch_size": 4, "train.num_steps": 2, "train.compute_dtype": "float32",
+      "train.ema_decay": 0.0, "data.worker_count": 0, "optim.warmup_steps": 1,
+      "optim.learning_rate": 1e-3, "checkpoint.every_steps": 100, "model.caption_dropout": 0.5})
+  tok = jaxt2i.data.tokenizer.CLIPTokenizer.load(folder)
+  assert config.model.unconditional_tokens == tuple(tok.encode([""])[0][0])
+  start = jaxt2i.from_diffusers(folder, compilation_cache=False).params
+  trainer, state = train_run(config, tmp_path / "run", source=records(8, 32))
+  final = jax.device_get(state.params)
+  changed = lambda key: any(not np.array_equal(a, b) for a, b in zip(  # noqa: E731
+      jax.tree.leaves(jax.device_get(start[key])), jax.tree.leaves(final[key])))
+  assert changed("unet") and not changed("autoencoder") and not changed("text_encoder")
+  pipe = jaxt2i.load(tmp_path / "run", compilation_cache=False)
+  images = pipe(["a red circle"], steps=2, output="np")
+  assert images.shape == (1, 16, 16, 3)
+  assert pipe.save_diffusers(tmp_path / "exported")[-1] == "model_index.json"

@@ -21,7 +21,7 @@ from typing import Any
 
 
 from jaxt2i.convert.diffusers_unet import load_diffusers_unet, unet_config_from_diffusers
-from jaxt2i.convert.diffusers_vae import load_diffusers_vae
+from jaxt2i.convert.diffusers_vae import load_diffusers_vae, vae_config_from_diffusers
 from jaxt2i.convert.transformers_clip import clip_text_config_from_transformers, \
     load_clip_text_encoder
 
@@ -67,6 +67,73 @@ def scheduler_fields(config: dict[str, Any]) -> dict[str, Any]:
           "set_alpha_to_one": bool(config.get("set_alpha_to_one", True))}
 
 
+def _check_folder(path: str) -> None:
+  missing = [p for p in _PARTS if not os.path.isdir(os.path.join(path, p))]
+  if missing:
+    raise FileNotFoundError(f"{path} is not a diffusers Stable Diffusion folder: missing "
+                            f"{', '.join(p + '/' for p in missing)}")
+
+
+def config_from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
+                          attention_implementation: str = "auto", guidance_scale: float = 7.5,
+                          num_sampling_steps: int = 50) -> Any:
+  """The jaxt2i run config (task "latent_diffusion", model.text_encoder "clip") describing the
+  Stable Diffusion folder at `path`; model.pretrained points at it, so a trainer started from
+  this config begins from the folder's weights (configs/sd_finetune.py)."""
+  from jaxt2i.data.tokenizer import CLIPTokenizer
+  from jaxt2i.tasks.ldm import LatentDiffusionTask
+  from jaxt2i.training import config as config_lib
+
+  path = os.fspath(path)
+  _check_folder(path)
+  unet_config = _read_json(os.path.join(path, "unet", "config.json"))
+  vae_config = _read_json(os.path.join(path, "vae", "config.json"))
+  vae_fields, scaling_factor = vae_config_from_diffusers(vae_config)
+  clip_fields = clip_text_config_from_transformers(
+      _read_json(os.path.join(path, "text_encoder", "config.json")))
+  scheduler_file = os.path.join(path, "scheduler", "scheduler_config.json")
+  scheduler = _read_json(scheduler_file) if os.path.isfile(scheduler_file) else {}
+  tokenizer = CLIPTokenizer.load(os.path.join(path, "tokenizer"))
+  max_length = clip_fields.get("max_position_embeddings", 77)
+
+  config = config_lib.trainer_defaults()
+  model = LatentDiffusionTask.default_model_config()
+  model.update({
+      "pretrained": path, "autoencoder_workdir": "",
+      "autoencoder": {"kind": "kl", "latent_channels": vae_fields["latent_channels"],
+                      "block_out_channels": vae_fields["block_out_channels"],
+                      "layers_per_block": vae_fields["layers_per_block"],
+                      "norm_groups": vae_fields["groups"], "mid_attention": True,
+                      "in_channels": vae_fields["in_channels"]},
+      "latent_scale": scaling_factor,
+      "text_encoder": "clip", "clip_text": clip_fields, "text_trainable": False,
+      "unconditional_tokens": tuple(int(i) for i in tokenizer.encode([""], max_length)[0][0]),
+      "unet": unet_config_from_diffusers(unet_config),
+      "attention_implementation": attention_implementation,
+      "guidance_scale": float(guidance_scale), "num_sampling_steps": int(num_sampling_steps),
+      **scheduler_fields(scheduler)})
+  config.task = LatentDiffusionTask.name
+  config.model = model
+  factor = 2 ** (len(vae_fields["block_out_channels"]) - 1)
+  config.data.image_size = int(unet_config.get("sample_size") or 64) * factor
+  config.data.tokenizer = os.path.join(path, "tokenizer")
+  config.data.max_caption_length = max_length
+  config.data.vocab_size = tokenizer.vocab_size
+  config.data.value_range = (-1.0, 1.0)
+  config.train.compute_dtype = dtype
+  return config
+
+
+def params_from_diffusers(path: str | os.PathLike) -> dict[str, Any]:
+  """{"unet", "text_encoder", "autoencoder"} params (float32 numpy) of the folder at `path`."""
+  path = os.fspath(path)
+  _check_folder(path)
+  _, unet_params = load_diffusers_unet(os.path.join(path, "unet"))
+  _, vae_params, _ = load_diffusers_vae(os.path.join(path, "vae"))
+  _, text_params = load_clip_text_encoder(os.path.join(path, "text_encoder"))
+  return {"unet": unet_params, "text_encoder": text_params, "autoencoder": vae_params}
+
+
 def from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
                    attention_implementation: str = "auto", guidance_scale: float = 7.5,
                    num_sampling_steps: int = 50, **pipeline_kwargs: Any):
@@ -81,48 +148,13 @@ def from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
   """
   from jaxt2i.pipelines import Pipeline
   from jaxt2i.tasks.base import get_task
-  from jaxt2i.tasks.ldm import LatentDiffusionTask
-  from jaxt2i.training import config as config_lib
 
-  path = os.fspath(path)
-  missing = [p for p in _PARTS if not os.path.isdir(os.path.join(path, p))]
-  if missing:
-    raise FileNotFoundError(f"{path} is not a diffusers Stable Diffusion folder: missing "
-                            f"{', '.join(p + '/' for p in missing)}")
-  unet_config = _read_json(os.path.join(path, "unet", "config.json"))
-  unet, unet_params = load_diffusers_unet(os.path.join(path, "unet"))
-  vae, vae_params, scaling_factor = load_diffusers_vae(os.path.join(path, "vae"))
-  _, text_params = load_clip_text_encoder(os.path.join(path, "text_encoder"))
-  clip_fields = clip_text_config_from_transformers(
-      _read_json(os.path.join(path, "text_encoder", "config.json")))
-  scheduler_file = os.path.join(path, "scheduler", "scheduler_config.json")
-  scheduler = _read_json(scheduler_file) if os.path.isfile(scheduler_file) else {}
-
-  config = config_lib.trainer_defaults()
-  model = LatentDiffusionTask.default_model_config()
-  unet_fields = unet_config_from_diffusers(unet_config)
-  model.update({
-      "autoencoder_workdir": "",
-      "autoencoder": {"kind": "kl", "latent_channels": vae.latent_channels,
-                      "block_out_channels": tuple(vae.block_out_channels),
-                      "layers_per_block": vae.layers_per_block, "norm_groups": vae.groups,
-                      "mid_attention": vae.mid_attention, "in_channels": vae.in_channels},
-      "latent_scale": scaling_factor,
-      "text_encoder": "clip", "clip_text": clip_fields,
-      "unet": unet_fields, "attention_implementation": attention_implementation,
-      "caption_dropout": 0.0, "guidance_scale": float(guidance_scale),
-      "num_sampling_steps": int(num_sampling_steps),
-      **scheduler_fields(scheduler)})
-  config.task = LatentDiffusionTask.name
-  config.model = model
-  sample_size = unet_config.get("sample_size") or 64
-  config.data.image_size = int(sample_size) * vae.downsample_factor
-  config.data.tokenizer = os.path.join(path, "tokenizer")
-  config.data.max_caption_length = clip_fields.get("max_position_embeddings", 77)
-  config.data.value_range = (-1.0, 1.0)
-  config.train.compute_dtype = dtype
+  config = config_from_diffusers(path, dtype=dtype,
+                                 attention_implementation=attention_implementation,
+                                 guidance_scale=guidance_scale,
+                                 num_sampling_steps=num_sampling_steps)
   task = get_task(config)
-  params = {"unet": unet_params, "text_encoder": text_params, "autoencoder": vae_params}
-  log.info("loaded %s: U-Net %s, %d-px images, %s sampler", path,
-           tuple(unet.block_out_channels), config.data.image_size, model.sampler)
+  params = params_from_diffusers(path)
+  log.info("loaded %s: %d-px images, %s sampler", path, config.data.image_size,
+           config.model.sampler)
   return Pipeline(None, run=(config, task, params), **pipeline_kwargs)

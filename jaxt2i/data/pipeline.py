@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -90,14 +92,43 @@ class InMemorySource:
 TOKENIZER_FILE = "tokenizer.model"
 
 
+CLIP_TOKENIZER_DIR = "clip_tokenizer"
+
+
+def save_run_tokenizer(tokenizer: Tokenizer | CLIPTokenizer, workdir: Any) -> None:
+  """Keeps the run's own copy of its tokenizer in `workdir` (sampling then needs neither the
+  data nor the folder it came from): tokenizer.model, or CLIP's files in clip_tokenizer/."""
+  workdir = epath.Path(workdir)
+  if isinstance(tokenizer, CLIPTokenizer):
+    with tempfile.TemporaryDirectory() as tmp:
+      tokenizer.save(tmp)
+      (workdir / CLIP_TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
+      for name in os.listdir(tmp):
+        (workdir / CLIP_TOKENIZER_DIR / name).write_bytes(
+            epath.Path(tmp, name).read_bytes())
+  else:
+    (workdir / TOKENIZER_FILE).write_bytes(tokenizer.model_proto)
+
+
+def _load_clip_tokenizer(folder: epath.Path) -> CLIPTokenizer:
+  if os.path.isdir(str(folder)):
+    return CLIPTokenizer.load(str(folder))
+  with tempfile.TemporaryDirectory() as tmp:  # e.g. a run on GCS: transformers reads files
+    for item in folder.iterdir():
+      epath.Path(tmp, item.name).write_bytes(item.read_bytes())
+    return CLIPTokenizer.load(tmp)
+
+
 def load_tokenizer(data_cfg: ml_collections.ConfigDict, workdir: Any = None
                    ) -> Tokenizer | CLIPTokenizer:
-  """The run's own copy (workdir/tokenizer.model) when there is one, else data.tokenizer (a
-  sentencepiece model file, or a folder with CLIP's vocab.json and merges.txt), else the one
-  trained on (and cached for) the data set's captions."""
+  """The run's own copy (workdir/tokenizer.model or workdir/clip_tokenizer/) when there is
+  one, else data.tokenizer (a sentencepiece model file, or a folder with CLIP's files), else
+  the one trained on (and cached for) the data set's captions."""
   if workdir is not None and (epath.Path(workdir) / TOKENIZER_FILE).exists():
     path = epath.Path(workdir) / TOKENIZER_FILE
     return Tokenizer(path.read_bytes(), path=str(path))
+  if workdir is not None and (epath.Path(workdir) / CLIP_TOKENIZER_DIR).is_dir():
+    return _load_clip_tokenizer(epath.Path(workdir) / CLIP_TOKENIZER_DIR)
   if data_cfg.tokenizer:
     if epath.Path(data_cfg.tokenizer).is_dir():
       return CLIPTokenizer.load(data_cfg.tokenizer)

@@ -302,6 +302,10 @@ class CLIPTokenizer:
   def __repr__(self):
     return f"CLIPTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
+  def save(self, folder: str | os.PathLike) -> None:
+    """Writes the tokenizer's files (transformers' format) into the local `folder`."""
+    self._tok.save_pretrained(os.fspath(folder))
+
   @property
   def vocab_size(self) -> int:
     return len(self._tok)

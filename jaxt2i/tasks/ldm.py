@@ -55,6 +55,9 @@ class LatentDiffusionTask(Task):
   def default_model_config(cls) -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.autoencoder_workdir = ""       # the trained first stage (configs/autoencoder_shapes.py)
+    # A diffusers Stable Diffusion folder whose U-Net, VAE and CLIP text encoder a fresh run
+    # starts from (configs/sd_finetune.py; the other fields then describe that folder).
+    m.pretrained = ""
     m.autoencoder = ml_collections.ConfigDict()  # its model fields, copied from that run
     m.latent_scale = 0.0             # latents are multiplied by this; 0 = 1/std measured at start
     # Text encoder: "jaxt2i" (models/text_encoder.TextEncoder over the run's sentencepiece
@@ -66,6 +69,9 @@ class LatentDiffusionTask(Task):
     m.text_depth = 4
     m.text_heads = 4
     m.text_trainable = True          # False keeps the text encoder at its initial weights
+    # The token row of the empty prompt (CLIP: start, end, padding), the unconditional input
+    # of guidance and of caption dropout; () = all padding (jaxt2i's own text encoder).
+    m.unconditional_tokens = ()     # (its mask: the row's length; CLIP reads no mask)
     # U-Net: the fields below, or all UNet fields at once in `unet` (e.g. SD's, from its
     # diffusers config) when that is set.
     m.unet = ml_collections.ConfigDict()
@@ -153,6 +159,8 @@ class LatentDiffusionTask(Task):
     """Before the first init: read the autoencoder run and measure the latent scale on a
     (preprocessed) batch: the SD recipe, 1 / std of the latents, so the diffusion sees unit
     variance."""
+    if self.config.model.pretrained:
+      return  # the folder's VAE and scaling factor
     _, ae_params = self._autoencoder_run()
     if self.config.model.latent_scale:
       return
@@ -166,8 +174,22 @@ class LatentDiffusionTask(Task):
                  len(batch["image"]))
 
   def initial_values(self) -> dict[str, PyTree]:
-    """The trained first stage, replacing its random init in a fresh run."""
+    """The trained first stage, replacing its random init in a fresh run; with
+    model.pretrained, all of the folder's weights."""
+    if self.config.model.pretrained:
+      from jaxt2i.convert.diffusers_pipeline import params_from_diffusers
+      return params_from_diffusers(self.config.model.pretrained)
     return {"autoencoder": self._autoencoder_run()[1]}
+
+  def unconditional(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The empty prompt's (tokens, mask), shaped like the given batch."""
+    row = self.config.model.unconditional_tokens
+    if not row:
+      return jnp.zeros_like(tokens), jnp.zeros_like(mask)
+    row = jnp.asarray(row, tokens.dtype)[:tokens.shape[1]]
+    return (jnp.broadcast_to(row, tokens.shape),
+            jnp.broadcast_to(jnp.arange(tokens.shape[1]) < len(row), mask.shape).astype(
+                mask.dtype))
 
   # -- modules ---------------------------------------------------------------------------------
 
@@ -275,8 +297,9 @@ class LatentDiffusionTask(Task):
     noise = jax.random.normal(r_noise, x0.shape)
     x_t = schedules.add_noise(schedule, x0, noise, t)
     keep = jax.random.uniform(r_drop, (b, 1)) >= m.caption_dropout
-    tokens = jnp.where(keep, batch["tokens"], 0)
-    mask = jnp.where(keep, batch["tokens_mask"], 0)
+    empty_tokens, empty_mask = self.unconditional(batch["tokens"], batch["tokens_mask"])
+    tokens = jnp.where(keep, batch["tokens"], empty_tokens)
+    mask = jnp.where(keep, batch["tokens_mask"], empty_mask)
     text_params = params if m.text_trainable else jax.lax.stop_gradient(params)
     context = self.encode_text(text_params, tokens, mask)
     out = self.unet.apply({"params": params["unet"]}, x_t, t, context).astype(jnp.float32)
@@ -315,7 +338,7 @@ class LatentDiffusionTask(Task):
     if latents is None:
       latents = jax.random.normal(r_init, (b,) + self.latent_shape())
     if negative_tokens is None:
-      negative_tokens, negative_mask = jnp.zeros_like(tokens), jnp.zeros_like(mask)
+      negative_tokens, negative_mask = self.unconditional(tokens, mask)
     context = self.encode_text(params, jnp.concatenate([negative_tokens, tokens]),
                                jnp.concatenate([negative_mask, mask]))
 

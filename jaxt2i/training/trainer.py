@@ -336,8 +336,7 @@ class Trainer:
       (self.workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
       if self.task.uses_text and (self._tokenizer is not None or batches is None):
         # The run keeps its own tokenizer: sampling it needs neither the data nor its cache.
-        (self.workdir / pipeline.TOKENIZER_FILE).write_bytes(
-            self._tokenizer_or_load().model_proto)
+        pipeline.save_run_tokenizer(self._tokenizer_or_load(), self.workdir)
     self.build(_abstract_batch(first_local, cfg.batch_size, self.batch_sharding,
                                self.task.batch_keys))
     checkpointed_iter = data_iter if batches is None else None
