@@ -53,9 +53,11 @@ class Pipeline:
 
   def __init__(self, workdir: str | os.PathLike | None, *,
                devices: Sequence[jax.Device] | None = None, ema: bool = True,
-               compilation_cache: bool = True, run: tuple[Any, Any, Any] | None = None):
+               compilation_cache: bool = True, run: tuple[Any, Any, Any] | None = None,
+               weights_dtype: str | None = None):
     """Samples the run in `workdir`, or `run` = (config, task, params) built in memory (as
-    jaxt2i.from_diffusers does; `workdir` may then be None)."""
+    jaxt2i.from_diffusers does; `workdir` may then be None). `weights_dtype="bfloat16"`
+    stores floating-point weights in bfloat16 (half the device memory; SD 1.5: 1.7 GB)."""
     if compilation_cache:
       enable_compilation_cache()
     self.workdir = None if workdir is None else epath.Path(workdir)
@@ -70,6 +72,11 @@ class Pipeline:
     self.mesh = mesh_lib.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
     self._replicated = NamedSharding(self.mesh, PartitionSpec())
     self._batch = NamedSharding(self.mesh, PartitionSpec("data"))
+    if weights_dtype is not None:
+      dtype = jnp.dtype(weights_dtype)
+      params = jax.tree.map(
+          lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    # Straight from host memory onto every device of the mesh (no single-device copy first).
     self.params = jax.device_put(params, self._replicated)
     self._compiled: dict[Any, Any] = {}
     self.num_compilations = 0

@@ -139,6 +139,12 @@ def test_from_diffusers_matches_stable_diffusion_pipeline(tmp_path):
     assert ours.shape == theirs.shape == (2, 16, 16, 3) and ours.dtype == np.uint8
     # Ours rounds to uint8; theirs is float in [0, 1].
     np.testing.assert_allclose(ours / 255.0, theirs, atol=1.5 / 255)
+  # bfloat16 weights and compute: close, not equal.
+  half = jaxt2i.from_diffusers(folder, dtype="bfloat16", compilation_cache=False)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(half.params))
+  low = half(prompts, steps=4, guidance_scale=7.5, latents=latents.transpose(0, 2, 3, 1),
+             output="np")
+  assert np.abs(low / 255.0 - theirs).mean() < 0.05
   # Unconditional (scale 1) as well: the prompt branch only.
   with torch.no_grad():
     theirs = reference(prompts[:1], num_inference_steps=3, guidance_scale=1.0,

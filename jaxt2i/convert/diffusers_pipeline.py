@@ -141,7 +141,8 @@ def from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
 
   Args:
     path: the local folder.
-    dtype: compute dtype, "float32" or "bfloat16" (weights stay float32).
+    dtype: compute dtype, "float32" or "bfloat16"; with "bfloat16" the weights are stored in
+      bfloat16 too unless pipeline_kwargs say weights_dtype="float32".
     attention_implementation: "auto", "einsum", "xla" or "cudnn".
     guidance_scale, num_sampling_steps: the pipeline's defaults (StableDiffusionPipeline's).
     **pipeline_kwargs: for jaxt2i.pipelines.Pipeline (devices, compilation_cache).
@@ -157,4 +158,6 @@ def from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
   params = params_from_diffusers(path)
   log.info("loaded %s: %d-px images, %s sampler", path, config.data.image_size,
            config.model.sampler)
+  if dtype == "bfloat16":
+    pipeline_kwargs.setdefault("weights_dtype", "bfloat16")
   return Pipeline(None, run=(config, task, params), **pipeline_kwargs)
