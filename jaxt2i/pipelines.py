@@ -131,7 +131,7 @@ class Pipeline:
                latents: np.ndarray | None = None, output: str = "pil",
                num_candidates: int | None = None, rerank: int | None = None,
                image: Any = None, mask_image: Any = None, strength: float | None = None,
-               **options: float):
+               control_image: Any = None, **options: float):
     """Images for `prompts` (prompt-major: all samples of the first prompt first).
 
     `latents`: the initial noise [N, h, w, c] (NHWC), like diffusers' pipelines; `output`:
@@ -140,6 +140,9 @@ class Pipeline:
     (one for every prompt, or one per prompt), `strength` in [0, 1] (default 0.8: how much
     of the schedule to rerun); with `mask_image` (white / 1 = repaint; default strength 1)
     inpainting.
+    `control_image` (runs with ControlNets, e.g. from_diffusers(..., controlnet=...)): one
+    image, or one per prompt; a list of those for several ControlNets; with
+    `controlnet_conditioning_scale=` (a number or one per ControlNet).
     `num_candidates=N, rerank=K` (runs with a CLIP model, e.g. DALL-E): draw N images per
     prompt and return the K best by CLIP score, best first (K defaults to
     num_images_per_prompt). Further keyword settings go to the model's sampler as traced
@@ -210,11 +213,25 @@ class Pipeline:
       latents = jax.device_put(pad(latents), self._batch)
     put = lambda x: jax.device_put(pad(x), self._batch)  # noqa: E731
     program = self._program(padded, sampler, latents is not None, guided,
-                            tuple(sorted(options)) + (image is not None, mask_image is not None),
+                            tuple(sorted(options)) + (image is not None, mask_image is not None,
+                                                      control_image is not None),
                             candidates, keep)
     before = program._cache_size() if hasattr(program, "_cache_size") else None
     extra = {k: jnp.asarray(v, jnp.int32 if isinstance(v, int) else jnp.float32)
              for k, v in options.items()}
+    if control_image is not None:
+      if "control_image" not in accepted or not getattr(self.task, "controlnets", None):
+        raise ValueError("control_image needs a model with a ControlNet (jaxt2i.from_diffusers"
+                         "(..., controlnet=FOLDER))")
+      several = len(self.task.controlnets) > 1
+      if several and (not isinstance(control_image, (list, tuple))
+                      or len(control_image) != len(self.task.controlnets)):
+        raise ValueError(f"give one control image (or batch) per ControlNet: "
+                         f"{len(self.task.controlnets)}")
+      per_net = list(control_image) if several else [control_image]
+      controls = [self._images(c, len(prompts), num_images_per_prompt, value_range=(0.0, 1.0))
+                  for c in per_net]
+      extra["control_image"] = put(np.stack(controls, axis=1))
     if image is not None:
       images = self._images(image, len(prompts), num_images_per_prompt)
       extra["image"] = put(images)
@@ -255,8 +272,9 @@ class Pipeline:
       return np.stack([Pipeline._as_array(v, mode) for v in x])
     return np.asarray(x)
 
-  def _images(self, image: Any, num_prompts: int, per_prompt: int) -> np.ndarray:
-    """Images in the run's value range, [N, size, size, 3] float32."""
+  def _images(self, image: Any, num_prompts: int, per_prompt: int,
+              value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Images in the run's value range (or `value_range`), [N, size, size, 3] float32."""
     x = self._as_array(image, "RGB")
     x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
     x = self._per_row(x, num_prompts, per_prompt, "image")
@@ -264,7 +282,7 @@ class Pipeline:
     if x.shape[1:] != (size, size, 3):
       raise ValueError(f"image has shape {x.shape[1:]}; this model takes {size}x{size} RGB "
                        "images (resize or crop them first)")
-    low, high = self.config.data.value_range
+    low, high = value_range or self.config.data.value_range
     return low + (high - low) * np.clip(x, 0.0, 1.0)
 
   def _latent_mask(self, mask: Any, num_prompts: int, per_prompt: int) -> np.ndarray:

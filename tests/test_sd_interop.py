@@ -276,3 +276,66 @@ def test_finetune_a_loaded_model_with_the_trainer(tmp_path):
   images = pipe(["a red circle"], steps=2, output="np")
   assert images.shape == (1, 16, 16, 3)
   assert pipe.save_diffusers(tmp_path / "exported")[-1] == "model_index.json"
+
+
+def _controlnet(seed):
+  """A tiny ControlNetModel for _sd_folder's U-Net, every weight random (the zero
+  convolutions too, or its residuals would be zero)."""
+  torch.manual_seed(seed)
+  net = diffusers.ControlNetModel(
+      block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=32,
+      attention_head_dim=4, conditioning_embedding_out_channels=(8, 16)).eval()
+  with torch.no_grad():
+    for p in net.parameters():
+      p.normal_(0.0, 0.05)
+  return net
+
+
+def test_controlnet_matches_diffusers(tmp_path):
+  """ControlNetModel weights convert (every residual within 1e-4), and from_diffusers with
+  one or two ControlNets draws what StableDiffusionControlNetPipeline draws."""
+  import jaxt2i
+  from jaxt2i.convert.diffusers_controlnet import load_diffusers_controlnet
+  from PIL import Image
+  folder, sd = _sd_folder(tmp_path)
+  nets = [_controlnet(1), _controlnet(2)]
+  for k, net in enumerate(nets):
+    net.save_pretrained(tmp_path / f"controlnet_{k}")
+  model, params = load_diffusers_controlnet(tmp_path / "controlnet_0")
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  text = rng.standard_normal((2, 5, 32)).astype(np.float32)
+  cond = rng.uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
+  t = np.array([10, 500])
+  with torch.no_grad():
+    down, mid = nets[0](torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                        torch.from_numpy(text), torch.from_numpy(cond.transpose(0, 3, 1, 2)),
+                        conditioning_scale=0.7, return_dict=False)
+  ours_down, ours_mid = model.apply({"params": params}, x, t, text, cond, 0.7)
+  assert len(ours_down) == len(down)
+  for a, b in zip(ours_down + [ours_mid], list(down) + [mid]):
+    assert _rel_err(a, b) <= 1e-4
+
+  controls = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+              for _ in nets]
+  latents = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+  for count in (1, 2):
+    reference = diffusers.StableDiffusionControlNetPipeline(
+        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+        scheduler=sd.scheduler, controlnet=nets[0] if count == 1 else nets,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    images = controls[0] if count == 1 else controls
+    scale = 0.8 if count == 1 else [0.8, 0.5]
+    with torch.no_grad():
+      theirs = reference(["a red circle"], image=images, num_inference_steps=3,
+                         guidance_scale=7.5, controlnet_conditioning_scale=scale,
+                         latents=torch.from_numpy(latents), output_type="np").images
+    pipe = jaxt2i.from_diffusers(
+        folder, controlnet=[tmp_path / f"controlnet_{k}" for k in range(count)],
+        compilation_cache=False)
+    ours = pipe(["a red circle"], control_image=images, controlnet_conditioning_scale=scale,
+                steps=3, guidance_scale=7.5, latents=latents.transpose(0, 2, 3, 1), output="np")
+    np.testing.assert_allclose(ours / 255.0, theirs, atol=1.5 / 255)
+  with pytest.raises(ValueError, match="one control image .* per ControlNet"):
+    pipe(["a red circle"], control_image=controls[0], steps=2)

@@ -20,6 +20,8 @@ import os
 from typing import Any
 
 
+from jaxt2i.convert.diffusers_controlnet import controlnet_config_from_diffusers, \
+    load_diffusers_controlnet
 from jaxt2i.convert.diffusers_unet import load_diffusers_unet, unet_config_from_diffusers
 from jaxt2i.convert.diffusers_vae import load_diffusers_vae, vae_config_from_diffusers
 from jaxt2i.convert.transformers_clip import clip_text_config_from_transformers, \
@@ -74,9 +76,17 @@ def _check_folder(path: str) -> None:
                             f"{', '.join(p + '/' for p in missing)}")
 
 
+def _controlnet_folders(controlnet: Any) -> list[str]:
+  if controlnet is None:
+    return []
+  if isinstance(controlnet, (str, os.PathLike)):
+    return [os.fspath(controlnet)]
+  return [os.fspath(c) for c in controlnet]
+
+
 def config_from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
                           attention_implementation: str = "auto", guidance_scale: float = 7.5,
-                          num_sampling_steps: int = 50) -> Any:
+                          num_sampling_steps: int = 50, controlnet: Any = None) -> Any:
   """The jaxt2i run config (task "latent_diffusion", model.text_encoder "clip") describing the
   Stable Diffusion folder at `path`; model.pretrained points at it, so a trainer started from
   this config begins from the folder's weights (configs/sd_finetune.py)."""
@@ -112,6 +122,9 @@ def config_from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
       "attention_implementation": attention_implementation,
       "guidance_scale": float(guidance_scale), "num_sampling_steps": int(num_sampling_steps),
       **scheduler_fields(scheduler)})
+  for k, folder in enumerate(_controlnet_folders(controlnet)):
+    fields = controlnet_config_from_diffusers(_read_json(os.path.join(folder, "config.json")))
+    model.controlnets[f"controlnet_{k}"] = fields
   config.task = LatentDiffusionTask.name
   config.model = model
   factor = 2 ** (len(vae_fields["block_out_channels"]) - 1)
@@ -124,19 +137,24 @@ def config_from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
   return config
 
 
-def params_from_diffusers(path: str | os.PathLike) -> dict[str, Any]:
-  """{"unet", "text_encoder", "autoencoder"} params (float32 numpy) of the folder at `path`."""
+def params_from_diffusers(path: str | os.PathLike, controlnet: Any = None) -> dict[str, Any]:
+  """{"unet", "text_encoder", "autoencoder", "controlnet_<k>"...} params (float32 numpy) of
+  the folder at `path` and of the ControlNet folder(s)."""
   path = os.fspath(path)
   _check_folder(path)
   _, unet_params = load_diffusers_unet(os.path.join(path, "unet"))
   _, vae_params, _ = load_diffusers_vae(os.path.join(path, "vae"))
   _, text_params = load_clip_text_encoder(os.path.join(path, "text_encoder"))
-  return {"unet": unet_params, "text_encoder": text_params, "autoencoder": vae_params}
+  params = {"unet": unet_params, "text_encoder": text_params, "autoencoder": vae_params}
+  for k, folder in enumerate(_controlnet_folders(controlnet)):
+    params[f"controlnet_{k}"] = load_diffusers_controlnet(folder)[1]
+  return params
 
 
 def from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
                    attention_implementation: str = "auto", guidance_scale: float = 7.5,
-                   num_sampling_steps: int = 50, **pipeline_kwargs: Any):
+                   num_sampling_steps: int = 50, controlnet: Any = None,
+                   **pipeline_kwargs: Any):
   """The Stable Diffusion folder at `path` as a jaxt2i Pipeline (see the module docstring).
 
   Args:
@@ -145,6 +163,8 @@ def from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
       bfloat16 too unless pipeline_kwargs say weights_dtype="float32".
     attention_implementation: "auto", "einsum", "xla" or "cudnn".
     guidance_scale, num_sampling_steps: the pipeline's defaults (StableDiffusionPipeline's).
+    controlnet: a diffusers ControlNetModel folder, or a list of them (summed); the pipeline
+      then takes `control_image=` (and `controlnet_conditioning_scale=`).
     **pipeline_kwargs: for jaxt2i.pipelines.Pipeline (devices, compilation_cache).
   """
   from jaxt2i.pipelines import Pipeline
@@ -153,9 +173,9 @@ def from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
   config = config_from_diffusers(path, dtype=dtype,
                                  attention_implementation=attention_implementation,
                                  guidance_scale=guidance_scale,
-                                 num_sampling_steps=num_sampling_steps)
+                                 num_sampling_steps=num_sampling_steps, controlnet=controlnet)
   task = get_task(config)
-  params = params_from_diffusers(path)
+  params = params_from_diffusers(path, controlnet)
   log.info("loaded %s: %d-px images, %s sampler", path, config.data.image_size,
            config.model.sampler)
   if dtype == "bfloat16":

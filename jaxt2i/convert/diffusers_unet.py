@@ -66,7 +66,8 @@ _IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "sample_size",
 
 # Module lists of diffusers (nn.ModuleList / Sequential), whose `name.<i>` is `name_<i>` here.
 _LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
-          "downsamplers", "upsamplers", "net", "to_out")
+          "downsamplers", "upsamplers", "net", "to_out",
+          "controlnet_down_blocks", "blocks")  # ControlNetModel's (convert/diffusers_controlnet)
 _LIST_NAME = re.compile(rf"^({'|'.join(_LISTS)})_(\d+)$")
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 

@@ -253,7 +253,9 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True,
+               down_block_additional_residuals: Sequence[jax.Array] | None = None,
+               mid_block_additional_residual: jax.Array | None = None) -> jax.Array:
     """Predicts noise (or v / x0, per training) for the latents.
 
     Args:
@@ -261,6 +263,8 @@ class UNet(nn.Module):
       timesteps: [B] (or a scalar for all), integer or fractional.
       encoder_hidden_states: text states [B, L, cross_attention_dim].
       deterministic: False applies dropout (needs a 'dropout' rng).
+      down_block_additional_residuals, mid_block_additional_residual: ControlNet outputs
+        (models/controlnet.py), added to every skip connection and to the mid block's output.
 
     Returns:
       float32 [B, H, W, out_channels].
@@ -292,7 +296,14 @@ class UNet(nn.Module):
       skips += block_skips
       x = nn.with_logical_constraint(x, ("batch", "height", "width", "channels"))
 
+    if down_block_additional_residuals is not None:
+      if len(down_block_additional_residuals) != len(skips):
+        raise ValueError(f"{len(down_block_additional_residuals)} down-block residuals for "
+                         f"{len(skips)} skip connections")
+      skips = [h + r.astype(h.dtype) for h, r in zip(skips, down_block_additional_residuals)]
     x = MidBlock(heads[-1], t_layers[-1], s, name="mid_block")(x, temb, context, deterministic)
+    if mid_block_additional_residual is not None:
+      x = x + mid_block_additional_residual.astype(x.dtype)
 
     for i, kind in enumerate(self.up_block_types):
       j = n - 1 - i  # the matching down block

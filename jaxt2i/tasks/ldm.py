@@ -24,6 +24,7 @@ from etils import epath
 
 from jaxt2i.diffusion import samplers, schedules
 from jaxt2i.models.autoencoder import Autoencoder
+from jaxt2i.models.controlnet import ControlNet, sum_residuals
 from jaxt2i.models.text_encoder import CLIPTextTransformer, TextEncoder
 from jaxt2i.models.unet import UNet
 from jaxt2i.tasks.base import Batch, PyTree, Task, register
@@ -75,6 +76,9 @@ class LatentDiffusionTask(Task):
     # U-Net: the fields below, or all UNet fields at once in `unet` (e.g. SD's, from its
     # diffusers config) when that is set.
     m.unet = ml_collections.ConfigDict()
+    # ControlNets beside the U-Net: name -> ControlNet fields (jaxt2i.from_diffusers(...,
+    # controlnet=FOLDER) fills it); their params are the run's `name` subtrees.
+    m.controlnets = ml_collections.ConfigDict()
     m.block_out_channels = (64, 128, 256)
     m.layers_per_block = 2
     m.down_block_types = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -225,6 +229,16 @@ class LatentDiffusionTask(Task):
                        dtype=self.compute_dtype)
 
   @property
+  def controlnets(self) -> dict[str, ControlNet]:
+    m = self.config.model
+    out = {}
+    for name, fields in sorted(m.controlnets.items()):
+      fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.to_dict().items()}
+      out[name] = ControlNet(**{**fields, "attention_implementation": m.attention_implementation,
+                                "dtype": self.compute_dtype})
+    return out
+
+  @property
   def unet(self) -> UNet:
     m = self.config.model
     if m.unet:
@@ -255,7 +269,12 @@ class LatentDiffusionTask(Task):
     # Replaced by the trained first stage in a fresh run (initial_values), then frozen.
     size = self.config.data.image_size
     ae = self.autoencoder.init(r3, jnp.zeros((1, size, size, 3)))["params"]
-    return {"unet": unet, "text_encoder": text, "autoencoder": ae}
+    params = {"unet": unet, "text_encoder": text, "autoencoder": ae}
+    for k, (name, controlnet) in enumerate(self.controlnets.items()):
+      cond = jnp.zeros((b, size, size, controlnet.conditioning_channels))
+      params[name] = controlnet.init(jax.random.fold_in(r2, k + 1), latents,
+                                     jnp.zeros((b,), jnp.int32), context, cond)["params"]
+    return params
 
   # -- training --------------------------------------------------------------------------------
 
@@ -316,7 +335,9 @@ class LatentDiffusionTask(Task):
                eta: Any = 0.0, negative_tokens: jax.Array | None = None,
                negative_mask: jax.Array | None = None, latents: jax.Array | None = None,
                guidance_rescale: Any = 0.0, image: jax.Array | None = None,
-               inpaint_mask: jax.Array | None = None, strength: Any = None) -> jax.Array:
+               inpaint_mask: jax.Array | None = None, strength: Any = None,
+               control_image: jax.Array | None = None,
+               controlnet_conditioning_scale: Any = 1.0) -> jax.Array:
     """uint8 images [B, H, W, 3] for token batches; every numeric argument may be traced.
 
     The unconditional branch is the empty caption (all padding) unless negative tokens are
@@ -328,6 +349,11 @@ class LatentDiffusionTask(Task):
     `inpaint_mask` [B, h, w, 1] at latent size, 1 = repaint; strength default 1, which starts
     from pure noise): after every step the kept region is reset to the image's latents noised
     to the next step's timestep (StableDiffusionInpaintPipeline with a plain U-Net).
+
+    ControlNet (runs with model.controlnets): `control_image` [B, H, W, c] in [0, 1], or
+    [B, K, H, W, c] for K ControlNets (in name order), each ControlNet's residuals times its
+    `controlnet_conditioning_scale` (a number or K numbers), summed into the U-Net; both
+    guidance halves see the control image (StableDiffusionControlNetPipeline).
     """
     m = self.config.model
     guidance_scale = m.guidance_scale if guidance_scale is None else guidance_scale
@@ -342,8 +368,27 @@ class LatentDiffusionTask(Task):
     context = self.encode_text(params, jnp.concatenate([negative_tokens, tokens]),
                                jnp.concatenate([negative_mask, mask]))
 
+    controlnets = self.controlnets
+    if control_image is not None and not controlnets:
+      raise ValueError("control_image given, but this run has no ControlNet")
+    if control_image is not None:
+      images = control_image if control_image.ndim == 5 else control_image[:, None]
+      if images.shape[1] != len(controlnets):
+        raise ValueError(f"{images.shape[1]} control images for {len(controlnets)} ControlNets")
+      images = jnp.concatenate([images, images])  # the unconditional half sees it too
+      scales = jnp.broadcast_to(jnp.asarray(controlnet_conditioning_scale, jnp.float32),
+                                (len(controlnets),))
+
     def both(x, t):
-      return self.unet.apply({"params": params["unet"]}, x, t, context).astype(jnp.float32)
+      residuals = {}
+      if control_image is not None:
+        residuals = dict(zip(("down_block_additional_residuals", "mid_block_additional_residual"),
+                             sum_residuals([
+                                 net.apply({"params": params[name]}, x, t, context,
+                                           images[:, k], scales[k])
+                                 for k, (name, net) in enumerate(controlnets.items())])))
+      return self.unet.apply({"params": params["unet"]}, x, t, context,
+                             **residuals).astype(jnp.float32)
 
     denoise = samplers.guided(both, guidance_scale, guidance_rescale)
     spacing = dict(timestep_spacing=m.timestep_spacing or None, steps_offset=m.steps_offset)

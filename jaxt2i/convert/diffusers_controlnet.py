@@ -1,0 +1,116 @@
+"""diffusers ControlNetModel checkpoints -> jaxt2i's ControlNet (models/controlnet.py).
+
+  controlnet, params = load_diffusers_controlnet("sd-controlnet-canny")
+  pipe = jaxt2i.from_diffusers("stable-diffusion-v1-5", controlnet="sd-controlnet-canny")
+
+The module names are diffusers' (conv_in, time_embedding, controlnet_cond_embedding,
+down_blocks, mid_block, controlnet_down_blocks, controlnet_mid_block); the key mapping and
+shape rules are the U-Net converter's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import meta
+
+from jaxt2i.convert.diffusers_unet import _torch_key, _torch_shape, unet_config_from_diffusers
+from jaxt2i.convert.state_dict import check_layout, read_state_dict, set_path
+from jaxt2i.models.controlnet import ControlNet
+
+_CONTROL_KEYS = {"conditioning_channels": 3,
+                 "conditioning_embedding_out_channels": (16, 32, 96, 256)}
+_FIXED = {"controlnet_conditioning_channel_order": ("rgb",), "global_pool_conditions": (False,)}
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
+  """ControlNet fields for a diffusers ControlNetModel config (config.json as a dict)."""
+  config = dict(config)
+  if config.get("_class_name", "ControlNetModel") != "ControlNetModel":
+    raise ValueError(f"_class_name={config['_class_name']!r}: expected 'ControlNetModel'")
+  problems = [f"{k}={config[k]!r}" for k, allowed in _FIXED.items()
+              if k in config and config[k] not in allowed]
+  if problems:
+    raise ValueError("this ControlNetModel config is outside what jaxt2i's ControlNet "
+                     "expresses: " + "; ".join(problems))
+  control = {k: config.pop(k, default) for k, default in _CONTROL_KEYS.items()}
+  control["conditioning_embedding_out_channels"] = tuple(
+      control["conditioning_embedding_out_channels"])
+  for key in _FIXED:
+    config.pop(key, None)
+  config["_class_name"] = "UNet2DConditionModel"
+  down = config.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",))
+  config["up_block_types"] = tuple("CrossAttnUpBlock2D" if kind == "CrossAttnDownBlock2D"
+                                   else "UpBlock2D" for kind in reversed(down))
+  return {**unet_config_from_diffusers(config), **control}
+
+
+def expected_layout(model: ControlNet) -> dict[str, tuple[tuple[str, ...], tuple[int, ...],
+                                                          tuple[int, ...]]]:
+  """torch key -> (param path, Flax shape, torch shape) for every param of `model`."""
+  n = len(model.block_out_channels)
+  side = 2 ** (n - 1)
+  factor = 2 ** (len(model.conditioning_embedding_out_channels) - 1)
+  shapes = jax.eval_shape(
+      model.init, jax.random.key(0),
+      jax.ShapeDtypeStruct((1, side, side, model.in_channels), jnp.float32),
+      jax.ShapeDtypeStruct((1,), jnp.float32),
+      jax.ShapeDtypeStruct((1, 1, model.cross_attention_dim), jnp.float32),
+      jax.ShapeDtypeStruct((1, factor * side, factor * side, model.conditioning_channels),
+                           jnp.float32))
+  layout = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(meta.unbox(shapes["params"]))[0]:
+    path = tuple(k.key for k in key_path)
+    shape = tuple(leaf.shape)
+    layout[_torch_key(path)] = (path, shape, _torch_shape(path, shape))
+  return layout
+
+
+def controlnet_params_from_diffusers(state_dict: Mapping[str, Any],
+                                     model: ControlNet) -> dict[str, Any]:
+  """Converts a diffusers ControlNetModel state_dict into `model`'s params.
+
+  Raises:
+    ValueError: keys are missing, unexpected or wrongly shaped; the message lists them.
+  """
+  layout = expected_layout(model)
+  check_layout(state_dict, {k: v[2] for k, v in layout.items()},
+               "state_dict does not match the ControlNet")
+  params: dict[str, Any] = {}
+  for key, (path, shape, _) in layout.items():
+    value = np.asarray(state_dict[key], dtype=np.float32)
+    if path[-1] == "kernel":
+      value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T.reshape(shape)
+    else:
+      value = value.reshape(shape)
+    set_path(params, path, np.ascontiguousarray(value))
+  return params
+
+
+def load_diffusers_controlnet(path: str | os.PathLike, **overrides: Any
+                              ) -> tuple[ControlNet, dict[str, Any]]:
+  """Loads a local diffusers ControlNetModel folder (config.json +
+  diffusion_pytorch_model.safetensors or .bin); **overrides set ControlNet fields (dtype=...).
+  """
+  path = os.fspath(path)
+  config_file = os.path.join(path, "config.json")
+  if not os.path.isfile(config_file):
+    raise FileNotFoundError(f"no ControlNetModel at {path}: config.json is missing")
+  with open(config_file) as f:
+    fields = controlnet_config_from_diffusers(json.load(f))
+  model = ControlNet(**{**fields, **overrides})
+  weights = [os.path.join(path, name) for name in _WEIGHT_FILES
+             if os.path.isfile(os.path.join(path, name))]
+  if not weights:
+    raise FileNotFoundError(f"no ControlNetModel weights in {path}: expected one of "
+                            f"{', '.join(_WEIGHT_FILES)}")
+  model_params = controlnet_params_from_diffusers(
+      read_state_dict(weights[0], "ControlNetModel weights"), model)
+  return model, model_params

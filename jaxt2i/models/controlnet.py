@@ -1,0 +1,122 @@
+"""ControlNet (Zhang et al. 2023, "Adding Conditional Control to Text-to-Image Diffusion
+Models"): a trainable copy of a U-Net's encoder, fed the noisy latents plus an embedding of a
+control image (edges, a mask, a pose, ...), whose outputs reach the frozen U-Net's skip
+connections and mid block through zero-initialised 1x1 convolutions ("zero convolutions"), so
+training starts from the unchanged U-Net.
+
+    residuals = controlnet.apply({"params": c}, latents, t, text, control, scale)
+    eps = unet.apply({"params": u}, latents, t, text,
+                     down_block_additional_residuals=residuals[0],
+                     mid_block_additional_residual=residuals[1])
+
+Several ControlNets are summed (`sum_residuals`). Fields and parameter names follow diffusers'
+ControlNetModel, so its weights convert one to one (jaxt2i.convert.diffusers_controlnet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxt2i.models import layers
+from jaxt2i.models.unet import BlockSettings, DownBlock, MidBlock, UNet, _per_block
+
+
+def _zero_conv(features: int, kernel: int, dtype: Any, name: str) -> nn.Module:
+  padding = kernel // 2
+  return nn.Conv(features, (kernel, kernel), padding=((padding, padding),) * 2, dtype=dtype,
+                 name=name,
+                 kernel_init=nn.with_logical_partitioning(
+                     nn.initializers.zeros_init(), ("conv_h", "conv_w", "conv_in", "conv_out")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                        ("conv_out",)))
+
+
+class ConditioningEmbedding(nn.Module):
+  """The control image [B, H, W, c] -> [B, H / 8, W / 8, channels]: 3x3 convs with SiLU, a
+  stride-2 conv per width step, and a zero-initialised output conv."""
+  channels: int
+  block_out_channels: Sequence[int] = (16, 32, 96, 256)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    widths = tuple(self.block_out_channels)
+    x = nn.silu(layers.conv(widths[0], 3, self.dtype, "conv_in", padding=1)(x))
+    k = 0
+    for i in range(len(widths) - 1):
+      x = nn.silu(layers.conv(widths[i], 3, self.dtype, f"blocks_{k}", padding=1)(x))
+      x = nn.silu(layers.conv(widths[i + 1], 3, self.dtype, f"blocks_{k + 1}", strides=2,
+                              padding=1)(x))
+      k += 2
+    return _zero_conv(self.channels, 3, self.dtype, "conv_out")(x)
+
+
+class ControlNet(UNet):
+  """The U-Net fields (the encoder half is built from them) plus the control image's."""
+  conditioning_channels: int = 3
+  conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256)
+
+  @nn.compact
+  def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
+               controlnet_cond: jax.Array, conditioning_scale: Any = 1.0,
+               deterministic: bool = True) -> tuple[list[jax.Array], jax.Array]:
+    """Returns (one residual per U-Net skip connection, the mid-block residual), each times
+    `conditioning_scale` (may be traced).
+
+    Args:
+      sample, timesteps, encoder_hidden_states: as for UNet.
+      controlnet_cond: the control image [B, H, W, conditioning_channels] at the pixel size
+        the latents decode to (8x theirs for SD), values in [0, 1] as diffusers feeds them.
+    """
+    self._check(sample, encoder_hidden_states)
+    n = len(self.block_out_channels)
+    channels = tuple(self.block_out_channels)
+    factor = 2 ** (len(self.conditioning_embedding_out_channels) - 1)
+    if (controlnet_cond.ndim != 4 or controlnet_cond.shape[-1] != self.conditioning_channels
+        or controlnet_cond.shape[1:3] != tuple(factor * d for d in sample.shape[1:3])):
+      raise ValueError(f"controlnet_cond must be [B, {factor * sample.shape[1]}, "
+                       f"{factor * sample.shape[2]}, {self.conditioning_channels}] for latents "
+                       f"{sample.shape}, got {controlnet_cond.shape}")
+    heads = _per_block(self.num_attention_heads if self.num_attention_heads is not None
+                       else self.attention_head_dim, n, "attention_head_dim")
+    num_layers = _per_block(self.layers_per_block, n, "layers_per_block")
+    t_layers = _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+    s = BlockSettings(self.norm_num_groups, self.norm_eps, self.dropout,
+                      self.use_linear_projection, self.attention_implementation, self.dtype)
+    batch = sample.shape[0]
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+    temb = layers.timestep_embedding(timesteps, channels[0], self.flip_sin_to_cos,
+                                     self.freq_shift).astype(self.dtype)
+    temb = layers.TimestepEmbedding(4 * channels[0], self.dtype, name="time_embedding")(temb)
+    context = encoder_hidden_states.astype(self.dtype)
+
+    x = layers.conv(channels[0], 3, self.dtype, "conv_in", padding=1)(sample.astype(self.dtype))
+    x = x + ConditioningEmbedding(channels[0], tuple(self.conditioning_embedding_out_channels),
+                                  self.dtype, name="controlnet_cond_embedding")(
+                                      controlnet_cond.astype(self.dtype))
+    skips = [x]
+    for i, kind in enumerate(self.down_block_types):
+      x, block_skips = DownBlock(
+          channels[i], num_layers[i], heads[i] if kind == "CrossAttnDownBlock2D" else 0,
+          t_layers[i], add_downsample=i < n - 1, settings=s, name=f"down_blocks_{i}")(
+              x, temb, context, deterministic)
+      skips += block_skips
+    x = MidBlock(heads[-1], t_layers[-1], s, name="mid_block")(x, temb, context, deterministic)
+
+    scale = jnp.asarray(conditioning_scale, self.dtype)
+    down = [scale * _zero_conv(h.shape[-1], 1, self.dtype, f"controlnet_down_blocks_{k}")(h)
+            for k, h in enumerate(skips)]
+    mid = scale * _zero_conv(x.shape[-1], 1, self.dtype, "controlnet_mid_block")(x)
+    return down, mid
+
+
+def sum_residuals(outputs: Sequence[tuple[list[jax.Array], jax.Array]]
+                  ) -> tuple[list[jax.Array], jax.Array]:
+  """Several ControlNets' (down, mid) residuals summed, as diffusers' MultiControlNetModel."""
+  down = [sum(parts) for parts in zip(*(o[0] for o in outputs))]
+  return down, sum(o[1] for o in outputs)
