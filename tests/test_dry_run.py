@@ -30,14 +30,14 @@ def _plan(strategy, shape):
 def test_dry_run_reports_sharded_memory():
   dp = _plan("dp", {"data": 8, "fsdp": 1, "tensor": 1})
   fsdp = _plan("fsdp", {"data": 1, "fsdp": 8, "tensor": 1})
-  fsdp_tp = _plan("fsdp_tp", {"data": 1, "fsdp": 4, "tensor": 2})
+  fsdp_tp = _plan("fsdp_tp", {"data": 2, "fsdp": 2, "tensor": 2})
   assert dp["params"] == fsdp["params"] == fsdp_tp["params"] > 0
   # Data parallel replicates; FSDP divides nearly every weight by 8 (norm scales and odd
   # dimensions stay whole); the AdamW moments shard like the weights.
   assert dp["param_bytes_per_device"] == dp["param_bytes"]
-  for plan in (fsdp, fsdp_tp):
-    assert plan["param_bytes"] / plan["param_bytes_per_device"] > 5
-    assert plan["optimizer_bytes_per_device"] < dp["optimizer_bytes_per_device"] / 5
+  for plan, factor in ((fsdp, 8), (fsdp_tp, 4)):
+    assert plan["param_bytes"] / plan["param_bytes_per_device"] > 0.6 * factor
+    assert plan["optimizer_bytes_per_device"] < dp["optimizer_bytes_per_device"] / (0.6 * factor)
   # XLA's memory analysis of the compiled step: arguments hold the shards it was given.
   for plan in (dp, fsdp, fsdp_tp):
     memory = plan["memory"]

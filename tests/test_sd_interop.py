@@ -208,6 +208,7 @@ def _fixed_randomness(monkeypatch, module, noise):
                       lambda out, generator=None, sample_mode="sample": out.latent_dist.mode())
 
 
+@pytest.mark.slow  # ~40 s on 2 cores: three sampling programs and two diffusers pipelines
 def test_img2img_and_inpainting_match_diffusers(tmp_path, monkeypatch):
   import jaxt2i
   from diffusers.pipelines.stable_diffusion import (pipeline_stable_diffusion_img2img as i2i,
@@ -250,6 +251,7 @@ def test_img2img_and_inpainting_match_diffusers(tmp_path, monkeypatch):
     pipe(["a red circle"], image=np.zeros((8, 8, 3), np.uint8))
 
 
+@pytest.mark.slow  # ~2 min on 2 cores: compiling the trainer's step and the sampler
 def test_finetune_a_loaded_model_with_the_trainer(tmp_path):
   """configs/sd_finetune.py on a saved Stable Diffusion folder: the run starts from its
   weights, trains the U-Net only (VAE and CLIP frozen), drops captions to CLIP's empty-prompt
@@ -293,23 +295,18 @@ def _controlnet(seed):
 
 
 def test_controlnet_matches_diffusers(tmp_path):
-  """ControlNetModel weights convert (every residual within 1e-4), and from_diffusers with
-  one or two ControlNets draws what StableDiffusionControlNetPipeline draws."""
-  import jaxt2i
+  """ControlNetModel weights convert: every residual within 1e-4 of diffusers'."""
   from jaxt2i.convert.diffusers_controlnet import load_diffusers_controlnet
-  from PIL import Image
-  folder, sd = _sd_folder(tmp_path)
-  nets = [_controlnet(1), _controlnet(2)]
-  for k, net in enumerate(nets):
-    net.save_pretrained(tmp_path / f"controlnet_{k}")
-  model, params = load_diffusers_controlnet(tmp_path / "controlnet_0")
+  net = _controlnet(1)
+  net.save_pretrained(tmp_path / "controlnet")
+  model, params = load_diffusers_controlnet(tmp_path / "controlnet")
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
   text = rng.standard_normal((2, 5, 32)).astype(np.float32)
   cond = rng.uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
   t = np.array([10, 500])
   with torch.no_grad():
-    down, mid = nets[0](torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+    down, mid = net(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
                         torch.from_numpy(text), torch.from_numpy(cond.transpose(0, 3, 1, 2)),
                         conditioning_scale=0.7, return_dict=False)
   ours_down, ours_mid = model.apply({"params": params}, x, t, text, cond, 0.7)
@@ -317,6 +314,18 @@ def test_controlnet_matches_diffusers(tmp_path):
   for a, b in zip(ours_down + [ours_mid], list(down) + [mid]):
     assert _rel_err(a, b) <= 1e-4
 
+
+@pytest.mark.slow  # ~1 min on 2 cores: two sampling programs and two diffusers pipelines
+def test_controlnet_pipeline_matches_diffusers(tmp_path):
+  """from_diffusers with one or two ControlNets draws what StableDiffusionControlNetPipeline
+  draws from the same latents and control images."""
+  import jaxt2i
+  from PIL import Image
+  folder, sd = _sd_folder(tmp_path)
+  nets = [_controlnet(1), _controlnet(2)]
+  for k, net in enumerate(nets):
+    net.save_pretrained(tmp_path / f"controlnet_{k}")
+  rng = np.random.default_rng(0)
   controls = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
               for _ in nets]
   latents = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
