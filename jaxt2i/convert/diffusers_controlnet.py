@@ -17,11 +17,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax.core import meta
 
 from jaxt2i.convert.diffusers_unet import _torch_key, _torch_shape, unet_config_from_diffusers
-from jaxt2i.convert.state_dict import check_layout, read_state_dict, set_path
+from jaxt2i.convert.state_dict import layout_of, params_from_layout, read_state_dict, \
+    weights_file
 from jaxt2i.models.controlnet import ControlNet
 
 _CONTROL_KEYS = {"conditioning_channels": 3,
@@ -65,12 +64,7 @@ def expected_layout(model: ControlNet) -> dict[str, tuple[tuple[str, ...], tuple
       jax.ShapeDtypeStruct((1, 1, model.cross_attention_dim), jnp.float32),
       jax.ShapeDtypeStruct((1, factor * side, factor * side, model.conditioning_channels),
                            jnp.float32))
-  layout = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(meta.unbox(shapes["params"]))[0]:
-    path = tuple(k.key for k in key_path)
-    shape = tuple(leaf.shape)
-    layout[_torch_key(path)] = (path, shape, _torch_shape(path, shape))
-  return layout
+  return layout_of(shapes["params"], _torch_key, _torch_shape)
 
 
 def controlnet_params_from_diffusers(state_dict: Mapping[str, Any],
@@ -80,18 +74,8 @@ def controlnet_params_from_diffusers(state_dict: Mapping[str, Any],
   Raises:
     ValueError: keys are missing, unexpected or wrongly shaped; the message lists them.
   """
-  layout = expected_layout(model)
-  check_layout(state_dict, {k: v[2] for k, v in layout.items()},
-               "state_dict does not match the ControlNet")
-  params: dict[str, Any] = {}
-  for key, (path, shape, _) in layout.items():
-    value = np.asarray(state_dict[key], dtype=np.float32)
-    if path[-1] == "kernel":
-      value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T.reshape(shape)
-    else:
-      value = value.reshape(shape)
-    set_path(params, path, np.ascontiguousarray(value))
-  return params
+  return params_from_layout(state_dict, expected_layout(model),
+                            "state_dict does not match the ControlNet")
 
 
 def load_diffusers_controlnet(path: str | os.PathLike, **overrides: Any
@@ -106,11 +90,6 @@ def load_diffusers_controlnet(path: str | os.PathLike, **overrides: Any
   with open(config_file) as f:
     fields = controlnet_config_from_diffusers(json.load(f))
   model = ControlNet(**{**fields, **overrides})
-  weights = [os.path.join(path, name) for name in _WEIGHT_FILES
-             if os.path.isfile(os.path.join(path, name))]
-  if not weights:
-    raise FileNotFoundError(f"no ControlNetModel weights in {path}: expected one of "
-                            f"{', '.join(_WEIGHT_FILES)}")
-  model_params = controlnet_params_from_diffusers(
-      read_state_dict(weights[0], "ControlNetModel weights"), model)
-  return model, model_params
+  state_dict = read_state_dict(weights_file(path, _WEIGHT_FILES, "ControlNetModel"),
+                               "ControlNetModel weights")
+  return model, controlnet_params_from_diffusers(state_dict, model)

@@ -25,9 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import meta
 
-from jaxt2i.convert.state_dict import check_layout, read_state_dict, set_path
+from jaxt2i.convert.state_dict import layout_of, params_from_layout, read_state_dict
 from jaxt2i.models.unet import UNet
 
 # diffusers config keys that become UNet fields (same names), with diffusers' defaults for
@@ -138,12 +137,7 @@ def expected_layout(model: UNet) -> dict[str, tuple[tuple[str, ...], tuple[int, 
       jax.ShapeDtypeStruct((1, side, side, model.in_channels), jnp.float32),
       jax.ShapeDtypeStruct((1,), jnp.float32),
       jax.ShapeDtypeStruct((1, 1, model.cross_attention_dim), jnp.float32))
-  layout = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(meta.unbox(shapes["params"]))[0]:
-    path = tuple(k.key for k in key_path)
-    shape = tuple(leaf.shape)
-    layout[_torch_key(path)] = (path, shape, _torch_shape(path, shape))
-  return layout
+  return layout_of(shapes["params"], _torch_key, _torch_shape)
 
 
 def unet_params_from_diffusers(state_dict: Mapping[str, Any], model: UNet) -> dict[str, Any]:
@@ -161,19 +155,8 @@ def unet_params_from_diffusers(state_dict: Mapping[str, Any], model: UNet) -> di
   Raises:
     ValueError: keys are missing, unexpected or wrongly shaped; the message lists them.
   """
-  layout = expected_layout(model)
-  check_layout(state_dict, {k: v[2] for k, v in layout.items()},
-               "state_dict does not match the UNet")
-
-  params: dict[str, Any] = {}
-  for key, (path, shape, _) in layout.items():
-    value = np.asarray(state_dict[key], dtype=np.float32)
-    if path[-1] == "kernel":
-      value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T.reshape(shape)
-    else:
-      value = value.reshape(shape)
-    set_path(params, path, np.ascontiguousarray(value))
-  return params
+  return params_from_layout(state_dict, expected_layout(model),
+                            "state_dict does not match the UNet")
 
 
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")

@@ -21,9 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import meta
 
-from jaxt2i.convert.state_dict import check_layout, read_state_dict, set_path
+from jaxt2i.convert.state_dict import layout_of, params_from_layout, read_state_dict, \
+    weights_file
 from jaxt2i.models.autoencoder import Autoencoder
 
 _BLOCK_TYPES = {"down_block_types": ("DownEncoderBlock2D",),
@@ -98,12 +98,7 @@ def expected_layout(model: Autoencoder) -> dict[str, tuple[tuple[str, ...], tupl
   side = 2 ** (len(model.block_out_channels) - 1)
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, side, side, model.in_channels), jnp.float32))
-  layout = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(meta.unbox(shapes["params"]))[0]:
-    path = tuple(k.key for k in key_path)
-    shape = tuple(leaf.shape)
-    layout[_torch_key(path)] = (path, shape, _torch_shape(path, shape))
-  return layout
+  return layout_of(shapes["params"], _torch_key, _torch_shape)
 
 
 def _modern_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -130,19 +125,8 @@ def vae_params_from_diffusers(state_dict: Mapping[str, Any],
   """
   if model.kind != "kl":
     raise ValueError("AutoencoderKL weights need Autoencoder(kind='kl')")
-  layout = expected_layout(model)
-  state_dict = _modern_keys(state_dict)
-  check_layout(state_dict, {k: v[2] for k, v in layout.items()},
-               "state_dict does not match the autoencoder")
-  params: dict[str, Any] = {}
-  for key, (path, shape, _) in layout.items():
-    value = state_dict[key]
-    if path[-1] == "kernel":
-      value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T.reshape(shape)
-    else:
-      value = value.reshape(shape)
-    set_path(params, path, np.ascontiguousarray(value))
-  return params
+  return params_from_layout(_modern_keys(state_dict), expected_layout(model),
+                            "state_dict does not match the autoencoder")
 
 
 def load_diffusers_vae(path: str | os.PathLike, **overrides: Any
@@ -168,10 +152,6 @@ def load_diffusers_vae(path: str | os.PathLike, **overrides: Any
   with open(config_file) as f:
     fields, scaling_factor = vae_config_from_diffusers(json.load(f))
   model = Autoencoder(**{**fields, **overrides})
-  weights = [os.path.join(path, name) for name in _WEIGHT_FILES
-             if os.path.isfile(os.path.join(path, name))]
-  if not weights:
-    raise FileNotFoundError(f"no AutoencoderKL weights in {path}: expected one of "
-                            f"{', '.join(_WEIGHT_FILES)}")
-  state_dict = read_state_dict(weights[0], "AutoencoderKL weights")
+  state_dict = read_state_dict(weights_file(path, _WEIGHT_FILES, "AutoencoderKL"),
+                               "AutoencoderKL weights")
   return model, vae_params_from_diffusers(state_dict, model), scaling_factor

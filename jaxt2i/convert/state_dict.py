@@ -8,7 +8,7 @@ unexpected or wrongly shaped key instead of failing deep inside a model.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -104,3 +104,46 @@ def to_state_dict(params: Mapping[str, Any], layout: Mapping[str, tuple[tuple[st
                else value.reshape(torch_shape[1], torch_shape[0]).T)
     out[key] = np.ascontiguousarray(value.reshape(torch_shape))
   return out
+
+
+Layout = dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]]
+
+
+def layout_of(abstract_params: Any, torch_key: Any, torch_shape: Any) -> Layout:
+  """torch key -> (param path, Flax shape, torch shape) for every leaf of `abstract_params`
+  (e.g. `jax.eval_shape(model.init, ...)["params"]`, boxed or not), through a converter's
+  `torch_key(path)` and `torch_shape(path, shape)`."""
+  import jax
+  from flax.core import meta
+  layout = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(meta.unbox(abstract_params))[0]:
+    path = tuple(k.key for k in key_path)
+    shape = tuple(leaf.shape)
+    layout[torch_key(path)] = (path, shape, torch_shape(path, shape))
+  return layout
+
+
+def params_from_layout(state_dict: Mapping[str, Any], layout: Layout, what: str
+                       ) -> dict[str, Any]:
+  """The params tree (float32 numpy) of a state_dict that matches `layout` (checked first:
+  ValueError "`what`: missing keys ..."). Convolution kernels go OIHW -> HWIO, other kernels
+  are the transposed torch matrix reshaped, everything else is reshaped; `to_state_dict`
+  inverts it."""
+  check_layout(state_dict, {k: v[2] for k, v in layout.items()}, what)
+  params: dict[str, Any] = {}
+  for key, (path, shape, _) in layout.items():
+    value = np.asarray(state_dict[key], dtype=np.float32)
+    if path[-1] == "kernel":
+      value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T.reshape(shape)
+    else:
+      value = value.reshape(shape)
+    set_path(params, path, np.ascontiguousarray(value))
+  return params
+
+
+def weights_file(path: str, names: Sequence[str], what: str) -> str:
+  """The first of `names` present in the folder `path` (FileNotFoundError naming them)."""
+  for name in names:
+    if os.path.isfile(os.path.join(path, name)):
+      return os.path.join(path, name)
+  raise FileNotFoundError(f"no {what} weights in {path}: expected one of {', '.join(names)}")

@@ -19,9 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import meta
 
-from jaxt2i.convert.state_dict import check_layout, read_state_dict, set_path
+from jaxt2i.convert.state_dict import layout_of, params_from_layout, read_state_dict, \
+    weights_file
 from jaxt2i.models.text_encoder import ACTIVATIONS, CLIPTextTransformer
 
 _CONFIG_FIELDS = ("vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size",
@@ -77,12 +77,7 @@ def expected_layout(model: CLIPTextTransformer) -> dict[str, tuple[tuple[str, ..
   """torch key -> (param path, Flax shape, torch shape) for every param of `model`."""
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 2), jnp.int32))
-  layout = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(meta.unbox(shapes["params"]))[0]:
-    path = tuple(k.key for k in key_path)
-    shape = tuple(leaf.shape)
-    layout[_torch_key(path)] = (path, shape, _torch_shape(path, shape))
-  return layout
+  return layout_of(shapes["params"], _torch_key, _torch_shape)
 
 
 def clip_text_params_from_transformers(state_dict: Mapping[str, Any],
@@ -93,21 +88,11 @@ def clip_text_params_from_transformers(state_dict: Mapping[str, Any],
   Raises:
     ValueError: keys are missing, unexpected or wrongly shaped; the message lists them.
   """
-  layout = expected_layout(model)
   # transformers 4 saved the tower under "text_model."; transformers 5 saves it bare.
   state_dict = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
   state_dict = {k: v for k, v in state_dict.items() if k not in _IGNORED}
-  check_layout(state_dict, {k: v[2] for k, v in layout.items()},
-               "state_dict does not match the CLIP text encoder")
-  params: dict[str, Any] = {}
-  for key, (path, shape, _) in layout.items():
-    value = np.asarray(state_dict[key], dtype=np.float32)
-    if path[-1] == "kernel":
-      value = value.T.reshape(shape)
-    else:
-      value = value.reshape(shape)
-    set_path(params, path, np.ascontiguousarray(value))
-  return params
+  return params_from_layout(state_dict, expected_layout(model),
+                            "state_dict does not match the CLIP text encoder")
 
 
 def load_clip_text_encoder(path: str | os.PathLike, **overrides: Any
@@ -132,10 +117,6 @@ def load_clip_text_encoder(path: str | os.PathLike, **overrides: Any
   with open(config_file) as f:
     config = json.load(f)
   model = CLIPTextTransformer(**{**clip_text_config_from_transformers(config), **overrides})
-  weights = [os.path.join(path, name) for name in _WEIGHT_FILES
-             if os.path.isfile(os.path.join(path, name))]
-  if not weights:
-    raise FileNotFoundError(f"no CLIP text encoder weights in {path}: expected one of "
-                            f"{', '.join(_WEIGHT_FILES)}")
-  state_dict = read_state_dict(weights[0], "CLIP text encoder weights")
+  state_dict = read_state_dict(weights_file(path, _WEIGHT_FILES, "CLIP text encoder"),
+                               "CLIP text encoder weights")
   return model, clip_text_params_from_transformers(state_dict, model)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxt2i.models import layers
-from jaxt2i.models.unet import BlockSettings, DownBlock, MidBlock, UNet, _per_block
+from jaxt2i.models.unet import MidBlock, UNet
 
 
 def _zero_conv(features: int, kernel: int, dtype: Any, name: str) -> nn.Module:
@@ -74,7 +74,6 @@ class ControlNet(UNet):
         the latents decode to (8x theirs for SD), values in [0, 1] as diffusers feeds them.
     """
     self._check(sample, encoder_hidden_states)
-    n = len(self.block_out_channels)
     channels = tuple(self.block_out_channels)
     factor = 2 ** (len(self.conditioning_embedding_out_channels) - 1)
     if (controlnet_cond.ndim != 4 or controlnet_cond.shape[-1] != self.conditioning_channels
@@ -82,30 +81,13 @@ class ControlNet(UNet):
       raise ValueError(f"controlnet_cond must be [B, {factor * sample.shape[1]}, "
                        f"{factor * sample.shape[2]}, {self.conditioning_channels}] for latents "
                        f"{sample.shape}, got {controlnet_cond.shape}")
-    heads = _per_block(self.num_attention_heads if self.num_attention_heads is not None
-                       else self.attention_head_dim, n, "attention_head_dim")
-    num_layers = _per_block(self.layers_per_block, n, "layers_per_block")
-    t_layers = _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
-    s = BlockSettings(self.norm_num_groups, self.norm_eps, self.dropout,
-                      self.use_linear_projection, self.attention_implementation, self.dtype)
-    batch = sample.shape[0]
-    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
-    temb = layers.timestep_embedding(timesteps, channels[0], self.flip_sin_to_cos,
-                                     self.freq_shift).astype(self.dtype)
-    temb = layers.TimestepEmbedding(4 * channels[0], self.dtype, name="time_embedding")(temb)
-    context = encoder_hidden_states.astype(self.dtype)
-
+    heads, _, t_layers, s = self._blocks()
+    temb, context = self._embed(timesteps, encoder_hidden_states, sample.shape[0])
     x = layers.conv(channels[0], 3, self.dtype, "conv_in", padding=1)(sample.astype(self.dtype))
     x = x + ConditioningEmbedding(channels[0], tuple(self.conditioning_embedding_out_channels),
                                   self.dtype, name="controlnet_cond_embedding")(
                                       controlnet_cond.astype(self.dtype))
-    skips = [x]
-    for i, kind in enumerate(self.down_block_types):
-      x, block_skips = DownBlock(
-          channels[i], num_layers[i], heads[i] if kind == "CrossAttnDownBlock2D" else 0,
-          t_layers[i], add_downsample=i < n - 1, settings=s, name=f"down_blocks_{i}")(
-              x, temb, context, deterministic)
-      skips += block_skips
+    x, skips = self._encode(x, temb, context, deterministic)
     x = MidBlock(heads[-1], t_layers[-1], s, name="mid_block")(x, temb, context, deterministic)
 
     scale = jnp.asarray(conditioning_scale, self.dtype)

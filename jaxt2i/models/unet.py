@@ -251,6 +251,44 @@ class UNet(nn.Module):
       raise ValueError(f"encoder_hidden_states must be [B, L, {self.cross_attention_dim}], got "
                        f"{encoder_hidden_states.shape}")
 
+  def _blocks(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], BlockSettings]:
+    """Heads, resnets and transformer layers per block, and the blocks' shared settings."""
+    n = len(self.block_out_channels)
+    heads = _per_block(self.num_attention_heads if self.num_attention_heads is not None
+                       else self.attention_head_dim, n, "attention_head_dim")
+    num_layers = _per_block(self.layers_per_block, n, "layers_per_block")
+    t_layers = _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+    return heads, num_layers, t_layers, BlockSettings(
+        self.norm_num_groups, self.norm_eps, self.dropout, self.use_linear_projection,
+        self.attention_implementation, self.dtype)
+
+  def _embed(self, timesteps: jax.Array, encoder_hidden_states: jax.Array, batch: int
+             ) -> tuple[jax.Array, jax.Array]:
+    """(the timestep embedding [B, 4 C0], the text states in the compute dtype); called from
+    __call__ (it defines the time_embedding submodule)."""
+    width = self.block_out_channels[0]
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+    temb = layers.timestep_embedding(timesteps, width, self.flip_sin_to_cos,
+                                     self.freq_shift).astype(self.dtype)
+    temb = layers.TimestepEmbedding(4 * width, self.dtype, name="time_embedding")(temb)
+    return temb, encoder_hidden_states.astype(self.dtype)
+
+  def _encode(self, x: jax.Array, temb: jax.Array, context: jax.Array, deterministic: bool
+              ) -> tuple[jax.Array, list[jax.Array]]:
+    """The down blocks from conv_in's output x: (their output, every skip state, x first)."""
+    n = len(self.block_out_channels)
+    heads, num_layers, t_layers, s = self._blocks()
+    skips = [x]
+    for i, kind in enumerate(self.down_block_types):
+      x, block_skips = DownBlock(
+          self.block_out_channels[i], num_layers[i],
+          heads[i] if kind == "CrossAttnDownBlock2D" else 0, t_layers[i],
+          add_downsample=i < n - 1, settings=s, name=f"down_blocks_{i}")(
+              x, temb, context, deterministic)
+      skips += block_skips
+      x = nn.with_logical_constraint(x, ("batch", "height", "width", "channels"))
+    return x, skips
+
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
                deterministic: bool = True,
@@ -272,29 +310,10 @@ class UNet(nn.Module):
     self._check(sample, encoder_hidden_states)
     n = len(self.block_out_channels)
     channels = tuple(self.block_out_channels)
-    heads = _per_block(self.num_attention_heads if self.num_attention_heads is not None
-                       else self.attention_head_dim, n, "attention_head_dim")
-    num_layers = _per_block(self.layers_per_block, n, "layers_per_block")
-    t_layers = _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
-    s = BlockSettings(self.norm_num_groups, self.norm_eps, self.dropout,
-                      self.use_linear_projection, self.attention_implementation, self.dtype)
-    batch = sample.shape[0]
-
-    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
-    temb = layers.timestep_embedding(timesteps, channels[0], self.flip_sin_to_cos,
-                                     self.freq_shift).astype(self.dtype)
-    temb = layers.TimestepEmbedding(4 * channels[0], self.dtype, name="time_embedding")(temb)
-    context = encoder_hidden_states.astype(self.dtype)
-
+    heads, num_layers, t_layers, s = self._blocks()
+    temb, context = self._embed(timesteps, encoder_hidden_states, sample.shape[0])
     x = layers.conv(channels[0], 3, self.dtype, "conv_in", padding=1)(sample.astype(self.dtype))
-    skips = [x]
-    for i, kind in enumerate(self.down_block_types):
-      x, block_skips = DownBlock(
-          channels[i], num_layers[i], heads[i] if kind == "CrossAttnDownBlock2D" else 0,
-          t_layers[i], add_downsample=i < n - 1, settings=s, name=f"down_blocks_{i}")(
-              x, temb, context, deterministic)
-      skips += block_skips
-      x = nn.with_logical_constraint(x, ("batch", "height", "width", "channels"))
+    x, skips = self._encode(x, temb, context, deterministic)
 
     if down_block_additional_residuals is not None:
       if len(down_block_additional_residuals) != len(skips):
