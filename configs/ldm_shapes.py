@@ -48,7 +48,8 @@ def get_config(arg: str | None = None):
   config.model.num_sampling_steps = 25
 
   if variant == "reference":
-    # ~1.2 steps/s on a 2-core CPU: about an hour.
+    # ~0.6 steps/s on a 2-core CPU (measured: 0.58 with nothing else running): about two
+    # hours, after the first stage's ~40 minutes.
     config.train.num_steps = 4000
   elif variant == "demo":
     # ~2 steps/s on a 2-core CPU: about 8 minutes. Scored by `jaxt2i eval` afterwards.
