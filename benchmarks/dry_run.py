@@ -125,7 +125,10 @@ def main():
   if args.no_record:
     print(md)
   else:
-    harness.record("dry_run", "python benchmarks/dry_run.py", md, data)
+    command = "python benchmarks/dry_run.py" + "".join(
+        f" --{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items() if k != "no_record" and v != parser.get_default(k))
+    harness.record("dry_run", command, md, data)
 
 
 if __name__ == "__main__":
