@@ -10,7 +10,6 @@ shape rules are the U-Net converter's.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -19,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxt2i.convert.diffusers_unet import _torch_key, _torch_shape, unet_config_from_diffusers
-from jaxt2i.convert.state_dict import layout_of, params_from_layout, read_state_dict, \
-    weights_file
+from jaxt2i.convert.state_dict import layout_of, params_from_layout, read_model_config, \
+    read_state_dict, weights_file
 from jaxt2i.models.controlnet import ControlNet
 
 _CONTROL_KEYS = {"conditioning_channels": 3,
@@ -83,12 +82,8 @@ def load_diffusers_controlnet(path: str | os.PathLike, **overrides: Any
   """Loads a local diffusers ControlNetModel folder (config.json +
   diffusion_pytorch_model.safetensors or .bin); **overrides set ControlNet fields (dtype=...).
   """
-  path = os.fspath(path)
-  config_file = os.path.join(path, "config.json")
-  if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"no ControlNetModel at {path}: config.json is missing")
-  with open(config_file) as f:
-    fields = controlnet_config_from_diffusers(json.load(f))
+  path, config = read_model_config(path, "controlnet", "ControlNetModel")
+  fields = controlnet_config_from_diffusers(config)
   model = ControlNet(**{**fields, **overrides})
   state_dict = read_state_dict(weights_file(path, _WEIGHT_FILES, "ControlNetModel"),
                                "ControlNetModel weights")

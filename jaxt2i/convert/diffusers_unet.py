@@ -16,7 +16,6 @@ Everything reads local files; nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -26,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxt2i.convert.state_dict import layout_of, params_from_layout, read_state_dict
+from jaxt2i.convert.state_dict import layout_of, params_from_layout, read_model_config, \
+    read_state_dict
 from jaxt2i.models.unet import UNet
 
 # diffusers config keys that become UNet fields (same names), with diffusers' defaults for
@@ -174,16 +174,8 @@ def load_diffusers_unet(path: str | os.PathLike, **overrides: Any) -> tuple[UNet
   Returns:
     (model, params), for `model.apply({"params": params}, sample, timesteps, text_states)`.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(
-      os.path.join(path, "unet", "config.json")):
-    path = os.path.join(path, "unet")
-  config_path = os.path.join(path, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"no diffusers UNet at {path}: config.json is missing (nothing is "
-                            "downloaded; pass a local unet/ folder)")
-  with open(config_path) as f:
-    model = UNet(**{**unet_config_from_diffusers(json.load(f)), **overrides})
+  path, config = read_model_config(path, "unet", "diffusers UNet")
+  model = UNet(**{**unet_config_from_diffusers(config), **overrides})
   for name in _WEIGHT_FILES:
     if os.path.isfile(os.path.join(path, name)):
       state = read_state_dict(os.path.join(path, name), "diffusers UNet weights")

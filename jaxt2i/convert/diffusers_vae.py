@@ -12,7 +12,6 @@ the old attention names (query / key / value / proj_attn) are read too.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -22,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxt2i.convert.state_dict import layout_of, params_from_layout, read_state_dict, \
-    weights_file
+from jaxt2i.convert.state_dict import layout_of, params_from_layout, read_model_config, \
+    read_state_dict, weights_file
 from jaxt2i.models.autoencoder import Autoencoder
 
 _BLOCK_TYPES = {"down_block_types": ("DownEncoderBlock2D",),
@@ -142,15 +141,8 @@ def load_diffusers_vae(path: str | os.PathLike, **overrides: Any
     (model, params, scaling_factor): latents for the U-Net are scaling_factor times the
     posterior's samples (SD 1.x / 2.x: 0.18215).
   """
-  path = os.fspath(path)
-  if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
-      os.path.join(path, "vae")):
-    path = os.path.join(path, "vae")
-  config_file = os.path.join(path, "config.json")
-  if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"no AutoencoderKL at {path}: config.json is missing")
-  with open(config_file) as f:
-    fields, scaling_factor = vae_config_from_diffusers(json.load(f))
+  path, config = read_model_config(path, "vae", "AutoencoderKL")
+  fields, scaling_factor = vae_config_from_diffusers(config)
   model = Autoencoder(**{**fields, **overrides})
   state_dict = read_state_dict(weights_file(path, _WEIGHT_FILES, "AutoencoderKL"),
                                "AutoencoderKL weights")

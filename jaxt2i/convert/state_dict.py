@@ -147,3 +147,21 @@ def weights_file(path: str, names: Sequence[str], what: str) -> str:
     if os.path.isfile(os.path.join(path, name)):
       return os.path.join(path, name)
   raise FileNotFoundError(f"no {what} weights in {path}: expected one of {', '.join(names)}")
+
+
+def read_model_config(path: str | os.PathLike, subfolder: str, what: str
+                      ) -> tuple[str, dict[str, Any]]:
+  """(the model's folder, its config.json as a dict) for a diffusers / transformers model
+  folder, or a pipeline folder holding it in `subfolder` (e.g. "unet"). FileNotFoundError
+  names `what` when there is no config.json (nothing is downloaded)."""
+  import json
+  path = os.fspath(path)
+  if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(
+      os.path.join(path, subfolder, "config.json")):
+    path = os.path.join(path, subfolder)
+  config_file = os.path.join(path, "config.json")
+  if not os.path.isfile(config_file):
+    raise FileNotFoundError(f"no {what} at {path}: config.json is missing (nothing is "
+                            f"downloaded; pass a local {subfolder}/ folder)")
+  with open(config_file) as f:
+    return path, json.load(f)

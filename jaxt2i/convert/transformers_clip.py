@@ -11,7 +11,6 @@ jaxt2i.models.attention.Attention; everything else is a transpose or a copy.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -20,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxt2i.convert.state_dict import layout_of, params_from_layout, read_state_dict, \
-    weights_file
+from jaxt2i.convert.state_dict import layout_of, params_from_layout, read_model_config, \
+    read_state_dict, weights_file
 from jaxt2i.models.text_encoder import ACTIVATIONS, CLIPTextTransformer
 
 _CONFIG_FIELDS = ("vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size",
@@ -107,15 +106,7 @@ def load_clip_text_encoder(path: str | os.PathLike, **overrides: Any
   Returns:
     (model, params), for `model.apply({"params": params}, input_ids)`.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
-      os.path.join(path, "text_encoder")):
-    path = os.path.join(path, "text_encoder")
-  config_file = os.path.join(path, "config.json")
-  if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"no CLIP text encoder at {path}: config.json is missing")
-  with open(config_file) as f:
-    config = json.load(f)
+  path, config = read_model_config(path, "text_encoder", "CLIP text encoder")
   model = CLIPTextTransformer(**{**clip_text_config_from_transformers(config), **overrides})
   state_dict = read_state_dict(weights_file(path, _WEIGHT_FILES, "CLIP text encoder"),
                                "CLIP text encoder weights")
