@@ -253,8 +253,9 @@ class Pipeline:
   # -- img2img / inpainting inputs ----------------------------------------------------------
 
   def _per_row(self, x: np.ndarray, num_prompts: int, per_prompt: int, what: str) -> np.ndarray:
-    """[H, W, ...] or [1 | num_prompts, H, W, ...] -> one row per output image."""
-    if x.ndim in (2, 3) and (what == "mask_image" or x.shape[-1] in (1, 3, 4)):
+    """One item ([H, W] masks, [H, W, C] images) or [1 | num_prompts, ...] of them -> one
+    row per output image."""
+    if x.ndim == (2 if what == "mask_image" else 3):
       x = x[None]
     if x.shape[0] == 1:
       x = np.repeat(x, num_prompts, 0)

@@ -243,6 +243,11 @@ def test_img2img_and_inpainting_match_diffusers(tmp_path, monkeypatch):
               guidance_scale=7.5, latents=ours_noise, output="np")
   np.testing.assert_allclose(ours / 255.0, theirs, atol=1.5 / 255)
 
+  # A batch of masks, one per prompt (here the same twice): per-prompt rows.
+  both = pipe(["a red circle"] * 2, image=init, mask_image=np.stack([mask, mask]) / 255.0,
+              steps=5, guidance_scale=7.5, latents=np.concatenate([ours_noise] * 2),
+              output="np")
+  np.testing.assert_allclose(both[0].astype(int), ours[0].astype(int), atol=1)
   with pytest.raises(ValueError, match="need an image"):
     pipe(["a red circle"], strength=0.5)
   with pytest.raises(ValueError, match="strength=1.5"):
