@@ -10,7 +10,7 @@
   jaxt2i eval fid --images A --reference B --inception_weights FILE
   jaxt2i sample --workdir DIR --prompt "..." [--prompt ...] [--out grid.png]
   jaxt2i convert dall-e-dvae --encoder encoder.pkl --decoder decoder.pkl --out DIR
-  jaxt2i convert to-diffusers WORKDIR OUT
+  jaxt2i convert to-diffusers WORKDIR OUT [--lora_only]
 """
 
 from __future__ import annotations
@@ -320,14 +320,21 @@ def _convert(argv: list[str]) -> None:
   export.add_argument("workdir", help="the latent-diffusion run")
   export.add_argument("out", help="the folder to write")
   export.add_argument("--no_ema", action="store_true", help="the raw (not EMA) weights")
+  export.add_argument("--lora_only", action="store_true",
+                      help="a LoRA run: write only its adapters, OUT/pytorch_lora_weights"
+                      ".safetensors (diffusers' load_lora_weights reads it); without it the "
+                      "base model is written with the adapters merged")
   args = parser.parse_args(argv)
   _quiet_logs(False)
   try:
     if args.kind == "to-diffusers":
-      from jaxt2i.convert.to_diffusers import save_diffusers
+      from jaxt2i.convert.to_diffusers import save_diffusers, save_lora
       from jaxt2i.eval.runner import load_run
       config, task, params = load_run(args.workdir, ema=not args.no_ema)
-      summary = {"out": args.out, "parts": save_diffusers(config, task, params, args.out)}
+      if args.lora_only:
+        summary = {"out": save_lora(task, params, args.out)}
+      else:
+        summary = {"out": args.out, "parts": save_diffusers(config, task, params, args.out)}
     else:
       from jaxt2i.convert.dall_e import convert_dall_e_dvae
       summary = convert_dall_e_dvae(args.encoder, args.decoder, args.out,

@@ -72,6 +72,11 @@ class Pipeline:
     self.mesh = mesh_lib.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
     self._replicated = NamedSharding(self.mesh, PartitionSpec())
     self._batch = NamedSharding(self.mesh, PartitionSpec("data"))
+    # A LoRA run samples its base with the adapters merged once, here (kept for save_lora).
+    self.run_adapters = params.get("lora") if isinstance(params, dict) else None
+    if self.run_adapters is not None:
+      params = self.task.with_lora(params)
+    self._loaded_loras: list[tuple[Any, float]] = []
     if weights_dtype is not None:
       dtype = jnp.dtype(weights_dtype)
       params = jax.tree.map(
@@ -298,6 +303,40 @@ class Pipeline:
     if x.shape[1:] != (size, size):
       raise ValueError(f"mask_image has shape {x.shape[1:]}; expected {size}x{size}")
     return (x[:, ::f, ::f, None] >= 0.5).astype(np.float32)
+
+  # -- LoRA -----------------------------------------------------------------------------------
+
+  def load_lora(self, path: str | os.PathLike, scale: float = 1.0) -> int:
+    """Merges a LoRA file (diffusers / PEFT or kohya safetensors, see jaxt2i.convert.lora)
+    into the weights, times `scale`; returns the number of adapted kernels. Several may be
+    loaded; `unload_lora` takes them all out again."""
+    from jaxt2i.convert import lora as lora_files
+    from jaxt2i.convert.to_diffusers import lora_layouts
+    from jaxt2i.models import lora
+    if self.config.task != "latent_diffusion":
+      raise ValueError(f"LoRA files adapt Stable Diffusion models, not {self.config.task!r} "
+                       "runs")
+    adapters = lora_files.read_lora(path, lora_layouts(self.task))
+    self.params = jax.jit(lora.merge)(self.params, adapters, jnp.float32(scale))
+    self._loaded_loras.append((adapters, scale))
+    count = sum(1 for _ in jax.tree.leaves(adapters)) // 2
+    logging.info("LoRA %s: %d kernels adapted (scale %g)", path, count, scale)
+    return count
+
+  def unload_lora(self) -> None:
+    """Takes every loaded LoRA out of the weights again (up to float rounding)."""
+    from jaxt2i.models import lora
+    while self._loaded_loras:
+      adapters, scale = self._loaded_loras.pop()
+      self.params = jax.jit(lora.unmerge)(self.params, adapters, jnp.float32(scale))
+
+  def save_lora(self, out: str | os.PathLike) -> str:
+    """Writes a LoRA run's own adapters as diffusers LoRA weights (see
+    jaxt2i.convert.to_diffusers.save_lora); returns the file."""
+    from jaxt2i.convert.to_diffusers import save_lora
+    if self.run_adapters is None:
+      raise ValueError("this pipeline's run trained no LoRA adapters")
+    return save_lora(self.task, {"lora": self.run_adapters}, out)
 
   def save_diffusers(self, out: str | os.PathLike) -> list[str]:
     """Writes this latent-diffusion model as a diffusers Stable Diffusion folder (see

@@ -166,3 +166,43 @@ def write_clip_vocab(folder, pad_token="<|endoftext|>", max_length=12):
                                    pad_token=pad_token, model_max_length=max_length)
   tok.save_pretrained(folder)
   return tok
+
+
+def tiny_vae(config):
+  """A random-init diffusers AutoencoderKL with `config`'s fields."""
+  import diffusers
+  import torch
+  levels = len(config["block_out_channels"])
+  torch.manual_seed(0)
+  return diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels,
+                                 up_block_types=("UpDecoderBlock2D",) * levels, **config).eval()
+
+
+def sd_folder(tmp_path):
+  """A tiny random-init Stable Diffusion 1.x-layout pipeline saved the diffusers way:
+  (folder, the diffusers pipeline)."""
+  import diffusers
+  import torch
+  import transformers
+  tokenizer = write_clip_vocab(tmp_path / "tokenizer_src", max_length=12)
+  torch.manual_seed(0)
+  unet = diffusers.UNet2DConditionModel(
+      block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=8,
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+      attention_head_dim=4)
+  vae = tiny_vae(dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                      latent_channels=4))
+  text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=12, eos_token_id=tokenizer.eos_token_id,
+      bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id))
+  scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012,
+                                      beta_schedule="scaled_linear", clip_sample=False,
+                                      set_alpha_to_one=False, steps_offset=1)
+  pipe = diffusers.StableDiffusionPipeline(
+      vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+      scheduler=scheduler, safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+  pipe.save_pretrained(tmp_path / "sd")
+  return tmp_path / "sd", pipe

@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from helpers import sd_folder, tiny_vae  # noqa: E402
 from jaxt2i.convert import diffusers_vae  # noqa: E402
 
 VAE_CONFIGS = {
@@ -22,13 +23,6 @@ VAE_CONFIGS = {
 }
 
 
-def _vae(config):
-  levels = len(config["block_out_channels"])
-  torch.manual_seed(0)
-  return diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels,
-                                 up_block_types=("UpDecoderBlock2D",) * levels, **config).eval()
-
-
 def _rel_err(ours, theirs):
   theirs = theirs.detach().numpy().transpose(0, 2, 3, 1)
   return float(np.abs(np.asarray(ours) - theirs).max() / np.abs(theirs).max())
@@ -36,7 +30,7 @@ def _rel_err(ours, theirs):
 
 @pytest.mark.parametrize("name", sorted(VAE_CONFIGS))
 def test_vae_matches_diffusers(tmp_path, name):
-  reference = _vae(VAE_CONFIGS[name])
+  reference = tiny_vae(VAE_CONFIGS[name])
   reference.save_pretrained(tmp_path / "sd" / "vae")
   model, params, scaling = diffusers_vae.load_diffusers_vae(tmp_path / "sd")  # SD folder
   assert scaling == VAE_CONFIGS[name].get("scaling_factor", 0.18215)
@@ -55,7 +49,7 @@ def test_vae_matches_diffusers(tmp_path, name):
 def test_vae_old_attention_names(tmp_path):
   """Checkpoints from before diffusers 0.14 name the mid-block attention query / key / value /
   proj_attn, and the original LDM layout stores them as 1x1 convolutions."""
-  reference = _vae(VAE_CONFIGS["two_levels"])
+  reference = tiny_vae(VAE_CONFIGS["two_levels"])
   renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
   old = {}
   for key, value in reference.state_dict().items():
@@ -74,7 +68,7 @@ def test_vae_old_attention_names(tmp_path):
 
 
 def test_vae_errors(tmp_path):
-  reference = _vae(VAE_CONFIGS["two_levels"])
+  reference = tiny_vae(VAE_CONFIGS["two_levels"])
   config = dict(reference.config)
   with pytest.raises(ValueError, match="use_quant_conv=False"):
     diffusers_vae.vae_config_from_diffusers({**config, "use_quant_conv": False})
@@ -91,39 +85,11 @@ def test_vae_errors(tmp_path):
     diffusers_vae.load_diffusers_vae(tmp_path)
 
 
-def _sd_folder(tmp_path):
-  """A tiny random-init Stable Diffusion 1.x-layout pipeline saved the diffusers way."""
-  transformers = pytest.importorskip("transformers")
-  from helpers import write_clip_vocab
-  tokenizer = write_clip_vocab(tmp_path / "tokenizer_src", max_length=12)
-  torch.manual_seed(0)
-  unet = diffusers.UNet2DConditionModel(
-      block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=8,
-      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-      attention_head_dim=4)
-  vae = _vae(dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-                  latent_channels=4))
-  text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=4, max_position_embeddings=12, eos_token_id=tokenizer.eos_token_id,
-      bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id))
-  scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012,
-                                      beta_schedule="scaled_linear", clip_sample=False,
-                                      set_alpha_to_one=False, steps_offset=1)
-  pipe = diffusers.StableDiffusionPipeline(
-      vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-      scheduler=scheduler, safety_checker=None, feature_extractor=None,
-      requires_safety_checker=False)
-  pipe.save_pretrained(tmp_path / "sd")
-  return tmp_path / "sd", pipe
-
-
 def test_from_diffusers_matches_stable_diffusion_pipeline(tmp_path):
   """jaxt2i.from_diffusers on a saved StableDiffusionPipeline: the same images from the same
   initial latents, with guidance and a negative prompt, as diffusers' own pipeline."""
   import jaxt2i
-  folder, reference = _sd_folder(tmp_path)
+  folder, reference = sd_folder(tmp_path)
   pipe = jaxt2i.from_diffusers(folder, compilation_cache=False)
   assert pipe.config.data.image_size == 16 and pipe.config.model.sampler == "ddim"
   assert pipe.config.model.steps_offset == 1 and not pipe.config.model.set_alpha_to_one
@@ -173,7 +139,7 @@ def test_to_diffusers_round_trip(tmp_path):
   diffusers' own pipeline loads the written folder and draws the same images."""
   import jax
   import jaxt2i
-  folder, reference = _sd_folder(tmp_path)
+  folder, reference = sd_folder(tmp_path)
   pipe = jaxt2i.from_diffusers(folder, compilation_cache=False)
   parts = pipe.save_diffusers(tmp_path / "out")
   assert set(parts) == {"unet", "vae", "scheduler", "text_encoder", "tokenizer",
@@ -214,7 +180,7 @@ def test_img2img_and_inpainting_match_diffusers(tmp_path, monkeypatch):
   from diffusers.pipelines.stable_diffusion import (pipeline_stable_diffusion_img2img as i2i,
                                                     pipeline_stable_diffusion_inpaint as inp)
   from PIL import Image
-  folder, _ = _sd_folder(tmp_path)
+  folder, _ = sd_folder(tmp_path)
   pipe = jaxt2i.from_diffusers(folder, compilation_cache=False)
   rng = np.random.default_rng(2)
   init = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
@@ -266,7 +232,7 @@ def test_finetune_a_loaded_model_with_the_trainer(tmp_path):
   import jaxt2i.data.tokenizer
   from helpers import override, records, train_run
   from configs.sd_finetune import get_config
-  folder, _ = _sd_folder(tmp_path)
+  folder, _ = sd_folder(tmp_path)
   config = override(get_config(str(folder)), **{
       "batch_size": 4, "train.num_steps": 2, "train.compute_dtype": "float32",
       "train.ema_decay": 0.0, "data.worker_count": 0, "optim.warmup_steps": 1,
@@ -286,7 +252,7 @@ def test_finetune_a_loaded_model_with_the_trainer(tmp_path):
 
 
 def _controlnet(seed):
-  """A tiny ControlNetModel for _sd_folder's U-Net, every weight random (the zero
+  """A tiny ControlNetModel for sd_folder's U-Net, every weight random (the zero
   convolutions too, or its residuals would be zero)."""
   torch.manual_seed(seed)
   net = diffusers.ControlNetModel(
@@ -326,7 +292,7 @@ def test_controlnet_pipeline_matches_diffusers(tmp_path):
   draws from the same latents and control images."""
   import jaxt2i
   from PIL import Image
-  folder, sd = _sd_folder(tmp_path)
+  folder, sd = sd_folder(tmp_path)
   nets = [_controlnet(1), _controlnet(2)]
   for k, net in enumerate(nets):
     net.save_pretrained(tmp_path / f"controlnet_{k}")

@@ -54,11 +54,31 @@ def _save(folder: str, filename: str, state: dict[str, np.ndarray]) -> None:
   save_file(state, os.path.join(folder, filename), metadata={"format": "pt"})
 
 
+def lora_layouts(task: Any) -> dict[str, Any]:
+  """The converter layouts LoRA files resolve against: the U-Net's, and the CLIP text
+  encoder's when the run has one."""
+  layouts = {"unet": diffusers_unet.expected_layout(task.unet)}
+  if task.config.model.text_encoder == "clip":
+    layouts["text_encoder"] = transformers_clip.expected_layout(task.text_encoder)
+  return layouts
+
+
+def save_lora(task: Any, params: Any, out: str | os.PathLike) -> str:
+  """Writes a LoRA run's adapters as diffusers LoRA weights (OUT/pytorch_lora_weights
+  .safetensors, for `pipe.load_lora_weights(OUT)`); returns the file."""
+  from jaxt2i.convert import lora as lora_files
+  if "lora" not in params:
+    raise ValueError("this run has no LoRA adapters (config.model.lora_rank is 0)")
+  adapters = jax.tree.map(np.asarray, jax.device_get(params["lora"]))
+  return lora_files.save_lora(adapters, lora_layouts(task), out, task.lora_scale)
+
+
 def save_diffusers(config: Any, task: Any, params: Any, out: str | os.PathLike) -> list[str]:
   """Writes the run (config, task, params) as a diffusers folder at `out`; returns the parts
   written. Raises ValueError for runs that are not KL latent diffusion."""
   if config.task != "latent_diffusion":
     raise ValueError(f"only latent-diffusion runs convert to diffusers, not {config.task!r}")
+  params = task.with_lora(params)  # a LoRA run exports its base with the adapters merged
   m = config.model
   ae = task.autoencoder
   if ae.kind != "kl" or not ae.mid_attention:

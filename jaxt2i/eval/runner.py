@@ -126,7 +126,8 @@ def evaluate_images(images: np.ndarray, prompts: Sequence[tuple[str, str]],
 
 
 def load_run(workdir: epath.PathLike, *, ema: bool = True):
-  """(config, task, params) of a trained run: its config.json and latest checkpoint."""
+  """(config, task, params) of a trained run: its config.json and latest checkpoint, plus the
+  task's constant subtrees (Task.constant_keys) from Task.initial_values."""
   from jaxt2i.parallel import partitioning
   from jaxt2i.tasks.base import get_task
   from jaxt2i.training import config as config_lib
@@ -142,7 +143,12 @@ def load_run(workdir: epath.PathLike, *, ema: bool = True):
            "tokens": jnp.zeros((1, length), jnp.int32),
            "tokens_mask": jnp.ones((1, length), jnp.int32)}
   abstract = partitioning.unbox(jax.eval_shape(task.init, jax.random.key(0), dummy))
-  params = restore_params(workdir / "checkpoints", abstract, ema=ema)
+  constant = tuple(task.constant_keys)
+  params = restore_params(workdir / "checkpoints",
+                          {k: v for k, v in abstract.items() if k not in constant}, ema=ema)
+  if constant:  # e.g. a LoRA run's base model, read from where the run read it
+    values = task.initial_values()
+    params = {**{k: values[k] for k in constant}, **params}
   return config, task, params
 
 

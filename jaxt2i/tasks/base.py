@@ -59,8 +59,15 @@ class Task(abc.ABC):
       raise ConfigError(f"unknown config field(s) {['model.' + k for k in unknown]} for task "
                         f"{self.name!r}; it knows {sorted('model.' + k for k in defaults)}")
 
-  # Top-level param subtrees the optimizer never updates (e.g. a frozen first stage).
+  # Top-level param subtrees the optimizer never updates (e.g. a frozen first stage). They
+  # stay in the train state and its checkpoints, so a workdir is self-contained.
   frozen_keys: tuple[str, ...] = ()
+
+  # Top-level param subtrees that are inputs rather than state: `initial_values()` supplies
+  # them at every start (fresh, resumed, or loaded for sampling) and they have no optimizer
+  # state, EMA or checkpoint; loss / evaluate / sample see them merged into `params`. For a
+  # large pretrained base that a run only adapts (e.g. LoRA on Stable Diffusion).
+  constant_keys: tuple[str, ...] = ()
 
   # Model fields `prepare` derives from data (e.g. a latent scale): a resumed run reads them
   # back from its config.json instead of deriving them again (its first batch may differ,

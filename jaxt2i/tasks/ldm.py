@@ -21,8 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
+from flax.core import meta
 
 from jaxt2i.diffusion import samplers, schedules
+from jaxt2i.models import lora
 from jaxt2i.models.autoencoder import Autoencoder
 from jaxt2i.models.controlnet import ControlNet, sum_residuals
 from jaxt2i.models.text_encoder import CLIPTextTransformer, TextEncoder
@@ -79,6 +81,14 @@ class LatentDiffusionTask(Task):
     # ControlNets beside the U-Net: name -> ControlNet fields (jaxt2i.from_diffusers(...,
     # controlnet=FOLDER) fills it); their params are the run's `name` subtrees.
     m.controlnets = ml_collections.ConfigDict()
+    # LoRA (models/lora.py): lora_rank > 0 trains low-rank adapters on the U-Net's attention
+    # projections (and the text encoder's, with lora_text_encoder) and nothing else. The base
+    # model (model.pretrained) stays out of the optimizer and the checkpoints, which hold the
+    # adapters alone; it is read from the folder again on resume and for sampling.
+    m.lora_rank = 0
+    m.lora_alpha = 0.0               # updates are scaled by alpha / rank; 0 = rank (scale 1)
+    m.lora_targets = lora.ATTENTION_TARGETS  # module names adapted (regex, full match)
+    m.lora_text_encoder = False
     m.block_out_channels = (64, 128, 256)
     m.layers_per_block = 2
     m.down_block_types = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -128,14 +138,42 @@ class LatentDiffusionTask(Task):
                        or len(m.up_block_types) != len(m.block_out_channels)):
       raise ConfigError("config.model.down_block_types / up_block_types need one entry per "
                         f"block_out_channels entry ({len(m.block_out_channels)})")
+    if m.lora_rank < 0:
+      raise ConfigError(f"config.model.lora_rank={m.lora_rank}: must be >= 0 (0: no LoRA)")
+    if m.lora_rank and not m.pretrained:
+      raise ConfigError("config.model.lora_rank > 0 adapts a pretrained model: set "
+                        "config.model.pretrained to a diffusers Stable Diffusion folder "
+                        "(configs/sd_lora.py:FOLDER)")
     self.schedule  # unknown schedule / prediction type raise here  # noqa: B018
 
   # -- the frozen first stage ------------------------------------------------------------------
 
   @property
   def frozen_keys(self) -> tuple[str, ...]:
+    if self.config.model.lora_rank:
+      return ()  # all base weights are constants
     return ("autoencoder",) if self.config.model.text_trainable else ("autoencoder",
                                                                       "text_encoder")
+
+  @property
+  def constant_keys(self) -> tuple[str, ...]:
+    """With LoRA: every base subtree (trained: `lora` alone)."""
+    if not self.config.model.lora_rank:
+      return ()
+    return ("unet", "text_encoder", "autoencoder") + tuple(sorted(self.config.model.controlnets))
+
+  @property
+  def lora_scale(self) -> float:
+    m = self.config.model
+    return (m.lora_alpha or m.lora_rank) / m.lora_rank if m.lora_rank else 1.0
+
+  def with_lora(self, params: PyTree) -> PyTree:
+    """`params` with the run's LoRA adapters (params["lora"]) merged into their kernels;
+    params without adapters unchanged."""
+    if "lora" not in params:
+      return params
+    base = {k: v for k, v in params.items() if k != "lora"}
+    return lora.merge(base, params["lora"], self.lora_scale)
 
   def _autoencoder_run(self) -> tuple[dict, Any]:
     """(model fields, float32 numpy params) of the first stage, read once."""
@@ -274,6 +312,12 @@ class LatentDiffusionTask(Task):
       cond = jnp.zeros((b, size, size, controlnet.conditioning_channels))
       params[name] = controlnet.init(jax.random.fold_in(r2, k + 1), latents,
                                      jnp.zeros((b,), jnp.int32), context, cond)["params"]
+    m = self.config.model
+    if m.lora_rank:
+      adapted = ("unet", "text_encoder") if m.lora_text_encoder else ("unet",)
+      params["lora"] = {name: lora.init_adapters(meta.unbox(params[name]), m.lora_rank,
+                                                 jax.random.fold_in(r1, k), m.lora_targets)
+                        for k, name in enumerate(adapted)}
     return params
 
   # -- training --------------------------------------------------------------------------------
@@ -309,6 +353,7 @@ class LatentDiffusionTask(Task):
 
   def loss(self, params: PyTree, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
     m, schedule = self.config.model, self.schedule
+    params = self.with_lora(params)
     r_lat, r_t, r_noise, r_drop = jax.random.split(rng, 4)
     x0 = self.encode_images(params, batch["image"], r_lat)
     b = x0.shape[0]
@@ -319,7 +364,8 @@ class LatentDiffusionTask(Task):
     empty_tokens, empty_mask = self.unconditional(batch["tokens"], batch["tokens_mask"])
     tokens = jnp.where(keep, batch["tokens"], empty_tokens)
     mask = jnp.where(keep, batch["tokens_mask"], empty_mask)
-    text_params = params if m.text_trainable else jax.lax.stop_gradient(params)
+    # (With LoRA only the adapters get gradients: the base subtrees are constants.)
+    text_params = params if m.text_trainable or m.lora_rank else jax.lax.stop_gradient(params)
     context = self.encode_text(text_params, tokens, mask)
     out = self.unet.apply({"params": params["unet"]}, x_t, t, context).astype(jnp.float32)
     target = schedules.training_target(schedule, x0, noise, t)
@@ -356,6 +402,7 @@ class LatentDiffusionTask(Task):
     guidance halves see the control image (StableDiffusionControlNetPipeline).
     """
     m = self.config.model
+    params = self.with_lora(params)
     guidance_scale = m.guidance_scale if guidance_scale is None else guidance_scale
     num_steps = m.num_sampling_steps if num_steps is None else num_steps
     sampler = sampler or m.sampler

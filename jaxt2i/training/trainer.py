@@ -152,34 +152,80 @@ class Trainer:
     """Abstract state, its shardings, the sharded init and the compiled train step."""
     task, tx, ema = self.task, self.tx, self.config.train.ema_decay > 0
     self.abstract_batch = dict(abstract_batch)
+    constant_keys = tuple(task.constant_keys)
+
+    def boxed_params(rng):
+      dummy = {k: jnp.zeros((1,) + s.shape[1:], s.dtype) for k, s in abstract_batch.items()}
+      return task.init(rng, dummy)
 
     def boxed_init(rng):
-      dummy = {k: jnp.zeros((1,) + s.shape[1:], s.dtype) for k, s in abstract_batch.items()}
-      return init_state(task.init(rng, dummy), tx, ema)
+      params = boxed_params(rng)
+      return init_state({k: v for k, v in params.items() if k not in constant_keys}, tx, ema)
 
     rng = jax.random.key(self.config.seed)
     with self._sharding_context():
       boxed = jax.eval_shape(boxed_init, rng)
+      boxed_constants = {k: v for k, v in jax.eval_shape(boxed_params, rng).items()
+                         if k in constant_keys}
     self.state_shardings = partitioning.logical_to_shardings(boxed, self.mesh, self.rules)
     self.abstract_state = partitioning.unbox(boxed)
+    self.constant_shardings = partitioning.logical_to_shardings(boxed_constants, self.mesh,
+                                                                self.rules)
+    self.abstract_constants = partitioning.unbox(boxed_constants)
     self._init = jax.jit(lambda r: partitioning.unbox(boxed_init(r)),
                          out_shardings=self.state_shardings)
     replicated = partitioning.replicated(self.mesh)
-    step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+    step = jax.jit(self._train_step,
+                   in_shardings=(self.state_shardings, self.constant_shardings,
+                                 self.batch_sharding),
                    out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
     abstract_state = partitioning.with_shardings(self.abstract_state, self.state_shardings)
+    abstract_constants = partitioning.with_shardings(self.abstract_constants,
+                                                     self.constant_shardings)
     start = time.perf_counter()
     with self._sharding_context():
-      self.train_step = step.lower(abstract_state, self.abstract_batch).compile()
+      self.compiled_step = step.lower(abstract_state, abstract_constants,
+                                      self.abstract_batch).compile()
     self.compile_seconds = time.perf_counter() - start
     self._log_compile_report()
-    self._eval_step = jax.jit(task.evaluate, out_shardings=replicated)
+    self._eval_step = jax.jit(lambda p, c, b, r: task.evaluate({**c, **p}, b, r),
+                              out_shardings=replicated)
+    self.constants: dict[str, Any] | None = None
+
+  def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
+    """One compiled step (the task's constant subtrees, loaded by initial_state, go in)."""
+    return self.compiled_step(state, self._constants(), batch)
+
+  def _constants(self, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The task's constant subtrees (Task.constant_keys) on the mesh, read once (from
+    `values`, Task.initial_values() already read, when given)."""
+    if self.constants is None:
+      keys = tuple(self.task.constant_keys)
+      if values is None and keys:
+        values = self.task.initial_values()
+      values = values or {}
+      missing = sorted(set(keys) - set(values))
+      if missing:
+        raise ValueError(f"Task.initial_values gave no value for the constant subtrees "
+                         f"{missing}")
+      self.constants = {k: self._place(k, values[k], self.abstract_constants[k],
+                                       self.constant_shardings[k]) for k in keys}
+    return self.constants
+
+  @staticmethod
+  def _place(key: str, values: Any, abstract: Any, shardings: Any) -> Any:
+    """Host (numpy) values onto the mesh with `shardings`: each device gets its shard."""
+    try:
+      return jax.tree.map(lambda v, a, s: jax.device_put(np.asarray(v, a.dtype), s), values,
+                          abstract, shardings)
+    except ValueError as e:
+      raise ValueError(f"initial values of {key!r} do not match the model's params: {e}") from e
 
   def _log_compile_report(self) -> None:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
     report = [f"params {n_params / 1e6:.3f}M", f"compile {self.compile_seconds:.1f}s"]
     try:
-      cost = self.train_step.cost_analysis()
+      cost = self.compiled_step.cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
       if cost and "flops" in cost:
         self.step_flops = float(cost["flops"])
@@ -187,7 +233,7 @@ class Trainer:
     except Exception:  # cost analysis is best-effort and backend-specific
       pass
     try:
-      mem = self.train_step.memory_analysis()
+      mem = self.compiled_step.memory_analysis()
       if mem is not None:
         gib = 1 << 30
         report.append(
@@ -201,8 +247,11 @@ class Trainer:
 
   # -- the step ---------------------------------------------------------------------------
 
-  def _grads(self, params, batch, rng, step):
-    loss_fn = self.task.loss
+  def _grads(self, params, constants, batch, rng, step):
+    task = self.task
+
+    def loss_fn(params, batch, rng, **kwargs):
+      return task.loss({**constants, **params}, batch, rng, **kwargs)
     if self.task.needs_step:
       loss_fn = functools.partial(loss_fn, step=step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -228,10 +277,11 @@ class Trainer:
     total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     return jax.tree.map(lambda x: x / accum, total)
 
-  def _train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
+  def _train_step(self, state: TrainState, constants: dict[str, Any],
+                  batch: Mapping[str, jax.Array]):
     cfg = self.config.train
     rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), state.step)
-    (loss, aux), grads = self._grads(state.params, batch, rng, state.step)
+    (loss, aux), grads = self._grads(state.params, constants, batch, rng, state.step)
     aux = dict(aux)
     state_updates = aux.pop(STATE_UPDATES, None)
     grad_norm = optax.global_norm(grads)
@@ -241,7 +291,7 @@ class Trainer:
                & (loss > cfg.loss_spike_factor * state.loss_ema))
       ok &= ~spike
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    for key in self.task.frozen_keys:  # frozen subtrees: weight decay must not move them either
+    for key in set(self.task.frozen_keys) & set(updates):  # weight decay must not move them
       updates = {**updates, key: jax.tree.map(jnp.zeros_like, updates[key])}
     params = optax.apply_updates(state.params, updates)
     if state_updates is not None:
@@ -288,21 +338,20 @@ class Trainer:
     values = self.task.initial_values()
     if not values:
       return state
+    self._constants(values)
+    constant = set(self.task.constant_keys)
 
     def put(tree, key):
       if key not in tree:
         raise ValueError(f"Task.initial_values gave {key!r}, not a top-level param subtree "
                          f"({sorted(tree)})")
       target = tree[key]
-      try:
-        placed = jax.tree.map(lambda v, t: jax.device_put(np.asarray(v, t.dtype), t.sharding),
-                              values[key], target)
-      except ValueError as e:
-        raise ValueError(f"initial values of {key!r} do not match the model's params: {e}") from e
+      placed = self._place(key, values[key], target,
+                           jax.tree.map(lambda t: t.sharding, target))
       return {**tree, key: placed}
 
     params, ema = state.params, state.ema_params
-    for key in values:
+    for key in set(values) - constant:
       params = put(params, key)
       if ema is not None:
         ema = put(ema, key)
@@ -457,11 +506,11 @@ class Trainer:
     params = state.ema_params if state.ema_params is not None else state.params
     with self._sharding_context():
       out = partitioning.fetch_replicated(self._eval_step(
-          params, self._eval_batch(), jax.random.key(self.config.seed + 2)))
+          params, self._constants(), self._eval_batch(), jax.random.key(self.config.seed + 2)))
     scalars = {f"eval/{k}": v for k, v in out.items() if np.ndim(v) == 0}
     images = {f"eval/{k}": v for k, v in out.items() if np.ndim(v) == 4}
     if self.config.eval.shapes_prompts:
-      shape_scalars, grids = self._shapes_eval(params)
+      shape_scalars, grids = self._shapes_eval({**self._constants(), **params})
       scalars.update({f"eval/{k}": v for k, v in shape_scalars.items()})
       images.update({f"eval/{k}": v for k, v in grids.items()})
     self.writer.scalars(step, scalars)
