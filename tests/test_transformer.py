@@ -354,6 +354,46 @@ def test_remat_gradient_equals_plain(params):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads2, grads)
 
 
+def test_scan_over_layers_gives_the_unrolled_numbers():
+  """scan_layers: the pattern's period scanned (here (row, column) x 2, then row and conv
+  unrolled), the same logits, gradients and cached decoding as the unrolled model, with remat
+  policies too."""
+  assert tr.scan_plan(tr.paper_attention_patterns(64)) == (("row", "column", "row", "row"), 15)
+  assert tr.scan_plan(MODEL.patterns)[1] == 1  # no repeat: nothing to scan
+  patterns = ("row", "column", "row", "column", "row", "conv")
+  plain = MODEL.clone(depth=6, attention_patterns=patterns)
+  scanned = plain.clone(scan_layers=True)
+  assert scanned.plan == (("row", "column"), 2, ("row", "conv"))
+  text, image = _inputs()
+  params = _draw(_boxed(plain))
+  boxed = _boxed(scanned)
+  kernel = boxed["scan"]["block_0"]["fc1"]["kernel"]
+  assert kernel.names == ("layers", "embed", "mlp") and kernel.value.shape == (2, 32, 128)
+  converted = tr.scanned_params(params, scanned)
+  assert jax.tree.structure(converted) == jax.tree.structure(partitioning.unbox(boxed))
+  (value, _), grads = _objective(plain, text, image)(params)
+  for model in (scanned, scanned.clone(remat=True, remat_policy="dots")):
+    (value2, _), grads2 = _objective(model, text, image)(converted)
+    np.testing.assert_allclose(value2, value, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                 grads2, tr.scanned_params(grads, scanned))
+  # Cached decoding over the stacked cache.
+  _, expected = plain.apply({"params": params}, text, image)
+  decode = jax.jit(functools.partial(scanned.apply, method=tr.Transformer.decode))
+  cache = tr.init_cache(scanned, BATCH)
+  assert len(cache) == 4 and cache[0]["k"].shape == (2, BATCH, 16, 4, 8)
+  logits, cache = decode({"params": converted}, text, cache, 0)
+  got = [logits]
+  flat = image.reshape(BATCH, -1)
+  for j in range(scanned.image_len - 1):
+    logits, cache = decode({"params": converted}, flat[:, j:j + 1], cache,
+                           jnp.int32(scanned.text_len + j))
+    got.append(logits)
+  np.testing.assert_allclose(np.stack(got, axis=1), expected, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="remat_policy='some'"):
+    _boxed(plain.clone(remat_policy="some"))
+
+
 def test_loss_weighting():
   rng = np.random.default_rng(0)
   text_logits = jnp.asarray(rng.standard_normal((2, 3, 7)), jnp.float32)

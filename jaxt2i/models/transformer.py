@@ -126,6 +126,49 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
 
 
+# What nn.remat keeps for the backward pass: "full" keeps only each block's input (recompute
+# everything); "dots" keeps matmul outputs (recompute the cheap elementwise work);
+# "dots_no_batch" keeps the weight matmuls' outputs but not attention's batched ones.
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def scan_plan(patterns: Sequence[str]) -> tuple[tuple[str, ...], int]:
+  """(period, repeats): the layer patterns as `repeats` copies of `period` followed by an
+  unrolled rest, choosing the period that leaves the shortest rest (then the shortest
+  period). The paper's pattern at depth 64 is (row, column, row, row) x 15 + 4 layers."""
+  best, best_rest = (tuple(patterns), 1), len(patterns)  # (no repeat: nothing to scan)
+  for p in range(1, len(patterns) // 2 + 1):
+    period = tuple(patterns[:p])
+    n = 1
+    while tuple(patterns[n * p:(n + 1) * p]) == period:
+      n += 1
+    if n >= 2 and len(patterns) - n * p < best_rest:
+      best, best_rest = (period, n), len(patterns) - n * p
+  return best
+
+
+class BlockGroup(nn.Module):
+  """Consecutive blocks with the given patterns: the body `nn.scan` repeats."""
+  patterns: tuple[str, ...]
+  block: Any                                # Block or its nn.remat
+  config: tuple[Any, ...]                   # the Block fields other than the pattern
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cache: Any, start: Any) -> tuple[jax.Array, Any]:
+    written = []
+    for i, pattern in enumerate(self.patterns):
+      width, heads, mlp, text_len, grid, kernel, impl, precision, dtype, pdtype = self.config
+      x, layer_cache = self.block(width, heads, mlp, text_len, grid, pattern, kernel, impl,
+                                  precision, dtype, pdtype, name=f"block_{i}")(
+                                      x, None if cache is None else cache[i], start)
+      written.append(layer_cache)
+    return x, None if cache is None else tuple(written)
+
+
 class Transformer(nn.Module):
   """Decoder-only text + image transformer (the module docstring has the stream and the logits
   layout); `variant()` gives standard sizes."""
@@ -143,6 +186,11 @@ class Transformer(nn.Module):
   attention_implementation: str = "auto"   # "auto" | "einsum" | "xla" | "cudnn"
   precision: Any = None                    # einsum attention matmul precision
   remat: bool = False                      # recompute each block's activations in backward
+  remat_policy: str = "full"               # what remat keeps: "full" | "dots" | "dots_no_batch"
+  # Layers as nn.scan over repeats of the pattern period (`scan_plan`): one compiled block
+  # body instead of `depth`, so compile time stops growing with depth. Params of the scanned
+  # layers are stacked ("layers" axis) under scan/block_i; the numbers are the unrolled ones.
+  scan_layers: bool = False
   dtype: Any = jnp.float32                 # compute and cache dtype; logits are float32
   param_dtype: Any = jnp.float32
 
@@ -178,6 +226,20 @@ class Transformer(nn.Module):
         raise ValueError(f"Transformer.attention_patterns: {pattern!r} is unknown; choose "
                          f"from {PATTERNS}")
     check_pattern("conv", self.text_len, self.grid, self.conv_kernel)
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"Transformer.remat_policy={self.remat_policy!r}: choose one of "
+                       f"{sorted(REMAT_POLICIES)}")
+
+  @property
+  def plan(self) -> tuple[tuple[str, ...], int, tuple[str, ...]]:
+    """(scanned period, repeats, unrolled rest); no scan: ((), 0, all patterns)."""
+    patterns = self.patterns
+    if not self.scan_layers:
+      return (), 0, patterns
+    period, n = scan_plan(patterns)
+    if n < 2:
+      return (), 0, patterns
+    return period, n, patterns[len(period) * n:]
 
   def setup(self):
     self._check()
@@ -194,11 +256,21 @@ class Transformer(nn.Module):
     self.text_pos_embed = position("text_pos_embed", "length", self.text_len)
     self.row_embed = position("row_embed", "height", self.grid[0])
     self.col_embed = position("col_embed", "width", self.grid[1])
-    block = nn.remat(Block) if self.remat else Block
-    self.blocks = [block(self.width, self.num_heads, self.mlp_ratio * self.width, self.text_len,
-                         tuple(self.grid), pattern, self.conv_kernel,
-                         self.attention_implementation, self.precision, self.dtype,
-                         self.param_dtype) for pattern in self.patterns]
+    block = (nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy],
+                      prevent_cse=not self.scan_layers)  # scan already keeps CSE apart
+             if self.remat else Block)
+    fields = (self.width, self.num_heads, self.mlp_ratio * self.width, self.text_len,
+              tuple(self.grid))
+    rest = (self.conv_kernel, self.attention_implementation, self.precision, self.dtype,
+            self.param_dtype)
+    period, repeats, unrolled = self.plan
+    self.scan = None
+    if repeats:
+      self.scan = nn.scan(BlockGroup, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=(0, nn.broadcast), length=repeats,
+                          metadata_params={nn.PARTITION_NAME: "layers"})(
+                              period, block, fields + rest)
+    self.blocks = [block(*fields, pattern, *rest) for pattern in unrolled]
     self.final_norm = _layer_norm(self.dtype, self.param_dtype)
     self.text_head = _dense(self.text_vocab + self.text_len, ("embed", "vocab"), self.dtype,
                             self.param_dtype)
@@ -233,6 +305,8 @@ class Transformer(nn.Module):
   def features(self, text: jax.Array, image: jax.Array) -> jax.Array:
     """The final-normed states [B, L, width] of the stream (text, image)."""
     x = self._embed(self._stream(text, image), np.arange(self.length))
+    if self.scan is not None:
+      x, _ = self.scan(x, None, None)
     for block in self.blocks:
       x, _ = block(x)
     return self.final_norm(x)
@@ -274,23 +348,49 @@ class Transformer(nn.Module):
       (the image logits at the last position [B, image_vocab] float32, i.e. those of image
       token start + S - T, and the cache with these positions written).
     """
-    if len(cache) != self.depth:
-      raise ValueError(f"cache has {len(cache)} layers, the transformer {self.depth}")
+    period, repeats, unrolled = self.plan
+    if len(cache) != len(period) + len(unrolled):
+      raise ValueError(f"cache has {len(cache)} entries; this transformer takes "
+                       f"{len(period) + len(unrolled)} (init_cache(model, batch))")
     x = self._embed(tokens, start + jnp.arange(tokens.shape[1]))
     written = []
-    for block, layer_cache in zip(self.blocks, cache):
+    if self.scan is not None:
+      x, stacked = self.scan(x, tuple(cache[:len(period)]), start)
+      written.extend(stacked)
+    for block, layer_cache in zip(self.blocks, cache[len(period):]):
       x, layer_cache = block(x, layer_cache, start)
       written.append(layer_cache)
     x = self.final_norm(x[:, -1])
     return self.image_head(x).astype(jnp.float32), tuple(written)
 
 
+def scanned_params(params: PyTree, model: Transformer) -> PyTree:
+  """Params of the unrolled layout (blocks_0 .. blocks_{depth-1}) in `model`'s layout, which
+  may scan its layers (model.scan_layers): the repeats of each period layer stacked under
+  scan/block_i, the rest renumbered. Lets a run switch scan_layers on for a checkpoint."""
+  period, repeats, unrolled = model.plan
+  if not repeats:
+    return params
+  p = len(period)
+  out = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+  out["scan"] = {f"block_{i}": jax.tree.map(
+      lambda *xs: jnp.stack(xs), *[params[f"blocks_{r * p + i}"] for r in range(repeats)])
+      for i in range(p)}
+  for j in range(len(unrolled)):
+    out[f"blocks_{j}"] = params[f"blocks_{p * repeats + j}"]
+  return out
+
+
 def init_cache(model: Transformer, batch: int) -> tuple[dict[str, jax.Array], ...]:
   """An empty key/value cache for `batch` streams: per layer {"k", "v"} [B, L, heads,
-  head_dim] in the model's dtype."""
+  head_dim] in the model's dtype; with scan_layers, the scanned layers' caches come first,
+  one per layer of the period, stacked over its repeats ([repeats, B, L, heads, head_dim])."""
   layer = CausalSelfAttention(model.num_heads, model.width // model.num_heads, model.text_len,
                               tuple(model.grid), dtype=model.dtype)
-  return tuple(layer.init_cache(batch) for _ in range(model.depth))
+  period, repeats, unrolled = model.plan
+  stacked = tuple(jax.tree.map(lambda x: jnp.broadcast_to(x, (repeats,) + x.shape),
+                               layer.init_cache(batch)) for _ in period)
+  return stacked + tuple(layer.init_cache(batch) for _ in unrolled)
 
 
 def loss(text_logits: jax.Array, image_logits: jax.Array, text: jax.Array, image: jax.Array,

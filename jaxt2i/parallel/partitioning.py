@@ -7,6 +7,7 @@ Every weight names its dimensions where it is defined, with this vocabulary:
   vocab     token vocabulary
   conv_in / conv_out   input / output channels of a convolution; conv_h / conv_w its kernel
   norm      scale/bias of a normalisation layer (never sharded)
+  layers    the stacked layer axis of scanned layers (nn.scan; never sharded)
 Activations name theirs with `nn.with_logical_constraint(x, ("batch", "length", "embed"))`;
 also `height`, `width`, `channels`.
 
@@ -38,6 +39,7 @@ _ACTIVATIONS: Rules = (
 _REPLICATED_WEIGHTS: Rules = (
     ("embed", None), ("mlp", None), ("heads", None), ("kv", None), ("vocab", None),
     ("conv_in", None), ("conv_out", None), ("conv_h", None), ("conv_w", None), ("norm", None),
+    ("layers", None),
 )
 
 STRATEGIES: dict[str, Rules] = {

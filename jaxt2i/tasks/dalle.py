@@ -78,6 +78,8 @@ class DalleTask(Task):
     m.conv_kernel = 11               # window of conv layers (paper: 11 x 11 at 32 x 32 tokens)
     m.attention_implementation = "auto"  # auto | einsum | xla | cudnn
     m.remat = False                  # recompute block activations in the backward pass
+    m.remat_policy = "full"          # what remat keeps: full (nothing) | dots | dots_no_batch
+    m.scan_layers = False            # nn.scan over the pattern's period: compile time flat in depth
     m.text_loss_weight = 1.0 / 8     # paper: 1/8 text, 7/8 image
     m.caption_dropout = 0.1          # for classifier-free guidance; 0 = the paper's training
     # Sampling defaults (the eval hook, `jaxt2i eval`, the pipeline).
@@ -197,7 +199,7 @@ class DalleTask(Task):
         depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
         attention_patterns=tuple(m.attention_patterns) or None, conv_kernel=m.conv_kernel,
         attention_implementation=m.attention_implementation, remat=m.remat,
-        dtype=self.compute_dtype)
+        remat_policy=m.remat_policy, scan_layers=m.scan_layers, dtype=self.compute_dtype)
 
   def text_stream(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     """Tokenizer output -> the stream's text: padding position i becomes text_vocab + i."""
