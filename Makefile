@@ -8,6 +8,9 @@ DATA_DIR ?= $(CURDIR)/.cache/data
 export JAXT2I_CACHE_DIR ?= $(CURDIR)/.cache/jaxt2i
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
+# Test files run in parallel (pytest-xdist), each file on one worker so its fixtures are
+# built once; CI machines have 2 cores.
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup test test-slow demo bench clean
 
@@ -24,7 +27,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: no slow test collected

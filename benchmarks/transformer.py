@@ -1,7 +1,7 @@
 """DALL-E transformer training throughput and model FLOP utilisation (jaxt2i/models/transformer.py).
 
   python benchmarks/transformer.py [--preset cpu|gpu] [--layouts paper dense] [--dtype ...]
-      [--batch N] [--repeats 5] [--attention auto] [--no_record]
+      [--batch N] [--repeats 5] [--attention auto] [--depth N] [--scan] [--no_record]
 
 One training step (forward over text + image tokens, the paper's 1/8 - 7/8 loss, backward,
 AdamW update; one jitted function with params and optimizer state donated) of the decoder
@@ -22,6 +22,9 @@ that the layer's mask keeps (forward QK^T and PV, twice that backward), so a spa
 credited only with the pairs it needs. XLA's cost_analysis FLOPs of the lowered step (what
 the program executes, masked work included) are shown beside them. Recorded as
 `transformer_train` (on a GPU, `transformer_train_gpu`) in benchmarks/RESULTS.md.
+
+--scan measures every layout twice, unrolled and with scan_layers (nn.scan over the pattern's
+period), for compile time and step time side by side; recorded as `transformer_scan`.
 """
 
 from __future__ import annotations
@@ -118,9 +121,13 @@ def main():
   parser.add_argument("--batch", type=int, default=None, help="default: the preset's")
   parser.add_argument("--attention", default="auto", help="Transformer.attention_implementation")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--depth", type=int, default=None, help="default: the preset's")
+  parser.add_argument("--scan", action="store_true",
+                      help="also measure each layout with scan_layers=True")
   parser.add_argument("--no_record", action="store_true", help="print only")
   args = parser.parse_args()
-  preset = PRESETS[args.preset]
+  preset = {**PRESETS[args.preset]}
+  preset["model"] = {**preset["model"], **({"depth": args.depth} if args.depth else {})}
   dtype = args.dtype or preset["dtype"]
   batch = args.batch or preset["batch"]
 
@@ -129,14 +136,17 @@ def main():
   print(f"matmul ceiling ({ceiling['dtype']}): {ceiling['flops_per_s'] / 1e12:.3g} TFLOP/s",
         flush=True)
   results, rows = {}, []
-  for layout in args.layouts:
+  runs = [(layout, scan) for layout in args.layouts for scan in ((False, True) if args.scan
+                                                                  else (False,))]
+  for layout, scan in runs:
     depth = preset["model"]["depth"]
     patterns = (tr.paper_attention_patterns(depth) if layout == "paper"
                 else ("dense",) * depth)
     attention = args.attention
     while True:
       model = tr.Transformer(**preset["model"], attention_patterns=patterns,
-                             attention_implementation=attention, dtype=jnp.dtype(dtype))
+                             attention_implementation=attention, dtype=jnp.dtype(dtype),
+                             scan_layers=scan)
       try:
         r = measure(model, batch, args.repeats)
         break
@@ -146,11 +156,13 @@ def main():
         if attention in ("xla", "einsum"):
           raise
         attention = "xla"
-    r.update(patterns=list(patterns), attention=attention)
-    results[layout] = r
+    r.update(patterns=list(patterns), attention=attention, scan_layers=scan,
+             scan_plan=[list(model.plan[0]), model.plan[1]])
+    name = f"{layout}, scanned" if scan else layout
+    results[name] = r
     step = r["timing"]["median_s"]
     mfu = r["model_flops"]["total"] / step / ceiling["flops_per_s"]
-    rows.append(f"| {layout} ({', '.join(sorted(set(patterns)))}; `{attention}`) | "
+    rows.append(f"| {name} ({', '.join(sorted(set(patterns)))}; `{attention}`) | "
                 f"{step * 1e3:.1f} | "
                 f"{r['tokens_per_s']:,.0f} | {r['model_flops']['total'] / 1e12:.3g} | "
                 f"{r['xla_flops'] / 1e12:.3g} | {r['model_flops']['total'] / step / 1e12:.3g} | "
@@ -179,9 +191,10 @@ def main():
   else:
     command = "python benchmarks/transformer.py" + "".join(
         f" --{k} {v}" for k, v in (("preset", args.preset), ("dtype", args.dtype),
-                                   ("batch", args.batch), ("attention", args.attention))
-        if v is not None and v != parser.get_default(k))
-    harness.record("transformer_train", command, md, data)
+                                   ("batch", args.batch), ("attention", args.attention),
+                                   ("depth", args.depth))
+        if v is not None and v != parser.get_default(k)) + (" --scan" if args.scan else "")
+    harness.record("transformer_scan" if args.scan else "transformer_train", command, md, data)
 
 
 if __name__ == "__main__":

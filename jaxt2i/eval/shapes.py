@@ -268,11 +268,25 @@ def train_evaluator(image_size: int = 64, cache_dir: str | None = None, *, force
   The run is an ordinary trainer workdir (interrupted training resumes); `evaluator.json` is
   written last with its calibration on the real `test` split, and marks it complete.
   """
-  from jaxt2i.training.trainer import Trainer
   directory = evaluator_dir(image_size, cache_dir)
   marker = directory / "evaluator.json"
   if marker.exists() and not force:
     return directory
+  # One trainer at a time per cache (parallel test workers, two jobs on one machine): the
+  # others wait and then find the finished evaluator.
+  import filelock
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  with filelock.FileLock(str(directory) + ".lock"):
+    if marker.exists() and not force:
+      return directory
+    return _train_evaluator(directory, image_size, force, config, calibration_images)
+
+
+def _train_evaluator(directory: epath.Path, image_size: int, force: bool,
+                     config: ml_collections.ConfigDict | None,
+                     calibration_images: int) -> epath.Path:
+  from jaxt2i.training.trainer import Trainer
+  marker = directory / "evaluator.json"
   if force and directory.exists():
     directory.rmtree()
   config = config or evaluator_config(image_size)
