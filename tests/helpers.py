@@ -119,7 +119,9 @@ def steps_saved(workdir: Path) -> list[int]:
 
 def worker_env(devices: int = 1) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  # Level 0 as in conftest: worker processes mostly compile.
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                      "--xla_backend_optimization_level=0")
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
   env["PYTHONUNBUFFERED"] = "1"

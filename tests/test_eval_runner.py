@@ -15,9 +15,9 @@ from jaxt2i.eval import runner
 from jaxt2i.training import config as config_lib
 from jaxt2i.training.trainer import Trainer
 
-# The first test here may train the shared 64px evaluator (conftest.evaluator_64: ~3 min on 2
-# idle cores, far more on a loaded machine): its setup counts against the limit.
-pytestmark = pytest.mark.timeout(900)
+# The first test here may train the tests' quick 64px evaluator (conftest.quick_evaluator_64):
+# its setup counts against the limit.
+pytestmark = pytest.mark.timeout(600)
 
 
 def _config(tok_path, **overrides):
@@ -39,8 +39,8 @@ def tok_path(tmp_path_factory):
   return tokenizer_path(tmp_path_factory.mktemp("tok"))
 
 
-def test_eval_hook_logs_scores_and_grids(tmp_path, tok_path, evaluator_64):
-  del evaluator_64
+def test_eval_hook_logs_scores_and_grids(tmp_path, tok_path, quick_evaluator_64):
+  del quick_evaluator_64
   config = _config(tok_path, **{"eval.shapes_prompts": 3, "eval.samples_per_prompt": 2,
                                 "train.eval_every": 2})
   _train(config, tmp_path, Tokenizer.load(str(tok_path)))
@@ -65,8 +65,8 @@ def test_eval_hook_logs_scores_and_grids(tmp_path, tok_path, evaluator_64):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tok_path, evaluator_64):
-  del evaluator_64  # cached before any subprocess needs it
+def trained_run(tmp_path_factory, tok_path, quick_evaluator_64):
+  del quick_evaluator_64  # cached before any subprocess needs it
   workdir = tmp_path_factory.mktemp("run")
   _train(_config(tok_path), workdir, Tokenizer.load(str(tok_path)))
   return workdir
