@@ -179,3 +179,42 @@ def test_convert_to_diffusers(ldm_run, tmp_path, capsys):
   ours = task.autoencoder.apply({"params": params["autoencoder"]}, latents, method="decode")
   np.testing.assert_allclose(np.asarray(ours), theirs.transpose(0, 2, 3, 1),
                              atol=1e-4 * np.abs(theirs).max())
+
+
+@pytest.mark.slow  # ~2 min on 2 cores: compiling the ControlNet step and the sampler
+def test_controlnet_training_beside_a_trained_run(ldm_run, tmp_path, tok):
+  """configs/controlnet_shapes.py: the ControlNet starts as the base U-Net's encoder with zero
+  convolutions and is the only trained (and checkpointed) weight; sampling with a control
+  image (derived like the training ones) changes the images, without one gives the base's."""
+  import jaxt2i
+  from configs.controlnet_shapes import get_config
+  from jaxt2i.tasks.ldm import CONTROL_IMAGES
+  base, _, _ = ldm_run
+  config = override(get_config(f"{base},tiny"), **{"data.tokenizer": tok.path,
+                                                    "optim.learning_rate": 1e-2,
+                                                    "optim.warmup_steps": 0})
+  task = get_task(config)
+  assert task.constant_keys == ("unet", "text_encoder", "autoencoder")
+  start = task.initial_values()["controlnet_0"]
+  base_unet = read_item(base, "ema_params")[1]["unet"]
+  np.testing.assert_array_equal(start["down_blocks_0"]["resnets_0"]["conv1"]["kernel"],
+                                base_unet["down_blocks_0"]["resnets_0"]["conv1"]["kernel"])
+  assert not np.any(start["controlnet_mid_block"]["kernel"])  # a zero convolution
+  _, state = train_run(config, tmp_path / "run", source=records(64, 32), tokenizer=tok)
+  assert set(state.params) == {"controlnet_0"}
+  saved = read_item(tmp_path / "run", "params")[1]
+  assert set(saved) == {"controlnet_0"} and np.any(saved["controlnet_0"]["controlnet_mid_block"]
+                                                   ["kernel"])
+
+  pipe = jaxt2i.load(tmp_path / "run", compilation_cache=False)
+  base_pipe = jaxt2i.load(base, compilation_cache=False)
+  images = np.stack([r["image"] for r in records(2, 32)]).astype(np.float32) / 255.0
+  control = np.asarray(CONTROL_IMAGES["mask"](images))
+  assert set(np.unique(control)) <= {0.0, 1.0} and control.shape == (2, 32, 32, 3)
+  prompts = ["a red circle", "a blue square"]
+  plain = pipe(prompts, steps=3, seed=0, output="np")
+  np.testing.assert_array_equal(plain, base_pipe(prompts, steps=3, seed=0, output="np"))
+  controlled = pipe(prompts, steps=3, seed=0, output="np", control_image=control)
+  assert np.abs(controlled.astype(int) - plain.astype(int)).max() > 0
+  with pytest.raises(ConfigError, match="control_image='canny'"):
+    get_task(override(config, **{"model.control_image": "canny"}))

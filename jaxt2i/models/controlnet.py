@@ -102,3 +102,31 @@ def sum_residuals(outputs: Sequence[tuple[list[jax.Array], jax.Array]]
   """Several ControlNets' (down, mid) residuals summed, as diffusers' MultiControlNetModel."""
   down = [sum(parts) for parts in zip(*(o[0] for o in outputs))]
   return down, sum(o[1] for o in outputs)
+
+
+def fields_from_unet(unet: UNet, conditioning_channels: int = 3,
+                     downsample_factor: int = 8) -> dict[str, Any]:
+  """ControlNet fields for a new ControlNet beside `unet` (diffusers' ControlNetModel
+  .from_unet): the U-Net's fields, and a conditioning embedding with one stride-2 step per
+  factor of two between the control image and the latents (SD: 8 -> (16, 32, 96, 256))."""
+  import dataclasses
+  steps = max(int(downsample_factor).bit_length() - 1, 0)
+  if 2 ** steps != downsample_factor or steps > 3:
+    raise ValueError(f"downsample_factor={downsample_factor} must be 1, 2, 4 or 8")
+  widths = (16, 32, 96, 256)[:steps + 1]
+  fields = {f.name: getattr(unet, f.name) for f in dataclasses.fields(UNet)
+            if f.name not in ("parent", "name", "dtype", "attention_implementation")}
+  return {**fields, "conditioning_channels": conditioning_channels,
+          "conditioning_embedding_out_channels": widths}
+
+
+def params_from_unet(unet_params: Any, controlnet_params: Any) -> Any:
+  """`controlnet_params` with every subtree the U-Net also has (conv_in, time embedding,
+  encoder blocks, mid block) copied from `unet_params`: the ControlNet paper's trainable copy.
+  The conditioning embedding and the zero convolutions keep their own (initial) values."""
+  def copy(ours, theirs):
+    if not isinstance(ours, dict):
+      return theirs if getattr(theirs, "shape", None) == getattr(ours, "shape", ()) else ours
+    return {k: copy(v, theirs[k]) if k in theirs else v for k, v in ours.items()}
+  return {k: copy(v, unet_params[k]) if k in unet_params else v
+          for k, v in controlnet_params.items()}

@@ -26,7 +26,7 @@ from flax.core import meta
 from jaxt2i.diffusion import samplers, schedules
 from jaxt2i.models import lora
 from jaxt2i.models.autoencoder import Autoencoder
-from jaxt2i.models.controlnet import ControlNet, sum_residuals
+from jaxt2i.models.controlnet import ControlNet, params_from_unet, sum_residuals
 from jaxt2i.models.text_encoder import CLIPTextTransformer, TextEncoder
 from jaxt2i.models.unet import UNet
 from jaxt2i.tasks.base import Batch, PyTree, Task, register
@@ -47,6 +47,29 @@ def autoencoder_from_config(model_cfg: Any, dtype: Any = jnp.float32) -> Autoenc
                      vq_l2_normalize=m.get("vq_l2_normalize", False),
                      vq_ema_decay=m.get("vq_ema_decay", 0.0),
                      in_channels=m.get("in_channels", 3), dtype=dtype)
+
+
+def _mask(images: jax.Array) -> jax.Array:
+  """1 where a pixel differs from the black background (shapes-v1 objects)."""
+  inside = jnp.max(images, axis=-1, keepdims=True) > 0.1
+  return jnp.broadcast_to(inside, images.shape[:-1] + (3,)).astype(jnp.float32)
+
+
+def _edges(images: jax.Array) -> jax.Array:
+  """Sobel gradient magnitude of the grey image, thresholded at 0.25: 1 on edges."""
+  grey = jnp.mean(images, axis=-1)
+  padded = jnp.pad(grey, ((0, 0), (1, 1), (1, 1)), mode="edge")
+
+  def at(dy, dx):
+    return padded[:, 1 + dy:padded.shape[1] - 1 + dy, 1 + dx:padded.shape[2] - 1 + dx]
+  gx = (at(-1, 1) + 2 * at(0, 1) + at(1, 1)) - (at(-1, -1) + 2 * at(0, -1) + at(1, -1))
+  gy = (at(1, -1) + 2 * at(1, 0) + at(1, 1)) - (at(-1, -1) + 2 * at(-1, 0) + at(-1, 1))
+  edges = jnp.sqrt(gx ** 2 + gy ** 2) > 0.25
+  return jnp.broadcast_to(edges[..., None], images.shape[:-1] + (3,)).astype(jnp.float32)
+
+
+# How ControlNet training derives a control image from each image in [0, 1].
+CONTROL_IMAGES = {"mask": _mask, "edges": _edges}
 
 
 @register
@@ -89,6 +112,15 @@ class LatentDiffusionTask(Task):
     m.lora_alpha = 0.0               # updates are scaled by alpha / rank; 0 = rank (scale 1)
     m.lora_targets = lora.ATTENTION_TARGETS  # module names adapted (regex, full match)
     m.lora_text_encoder = False
+    # A trained latent-diffusion run (its EMA weights) that a LoRA or ControlNet run adapts,
+    # as model.pretrained does for a diffusers folder; its model fields are this run's
+    # (configs/controlnet_shapes.py copies them).
+    m.base_workdir = ""
+    # ControlNet training: "" off, else how each training image becomes its control image
+    # ("mask": where it differs from the black background; "edges": Sobel edges), [0, 1],
+    # 3 channels. The one ControlNet of model.controlnets trains, initialised from the base
+    # U-Net's encoder with zero convolutions; the base is constant.
+    m.control_image = ""
     m.block_out_channels = (64, 128, 256)
     m.layers_per_block = 2
     m.down_block_types = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -140,27 +172,43 @@ class LatentDiffusionTask(Task):
                         f"block_out_channels entry ({len(m.block_out_channels)})")
     if m.lora_rank < 0:
       raise ConfigError(f"config.model.lora_rank={m.lora_rank}: must be >= 0 (0: no LoRA)")
-    if m.lora_rank and not m.pretrained:
-      raise ConfigError("config.model.lora_rank > 0 adapts a pretrained model: set "
-                        "config.model.pretrained to a diffusers Stable Diffusion folder "
-                        "(configs/sd_lora.py:FOLDER)")
+    if (m.lora_rank or m.control_image) and not (m.pretrained or m.base_workdir):
+      raise ConfigError("LoRA (config.model.lora_rank > 0) and ControlNet training "
+                        "(config.model.control_image) adapt a trained model: set "
+                        "config.model.pretrained (a diffusers folder, configs/sd_lora.py) or "
+                        "config.model.base_workdir (a jaxt2i run, configs/controlnet_shapes.py)")
+    if m.control_image not in ("", *CONTROL_IMAGES):
+      raise ConfigError(f"config.model.control_image={m.control_image!r}: choose '' (off) or "
+                        f"one of {list(CONTROL_IMAGES)}")
+    if m.control_image and len(m.controlnets) != 1:
+      raise ConfigError("config.model.control_image trains one ControlNet: config.model."
+                        f"controlnets has {len(m.controlnets)}")
     self.schedule  # unknown schedule / prediction type raise here  # noqa: B018
 
   # -- the frozen first stage ------------------------------------------------------------------
 
   @property
+  def adapts_base(self) -> bool:
+    """LoRA or ControlNet training: a trained base, constant, and only new weights trained."""
+    return bool(self.config.model.lora_rank or self.config.model.control_image)
+
+  @property
   def frozen_keys(self) -> tuple[str, ...]:
-    if self.config.model.lora_rank:
+    if self.adapts_base:
       return ()  # all base weights are constants
     return ("autoencoder",) if self.config.model.text_trainable else ("autoencoder",
                                                                       "text_encoder")
 
   @property
   def constant_keys(self) -> tuple[str, ...]:
-    """With LoRA: every base subtree (trained: `lora` alone)."""
-    if not self.config.model.lora_rank:
+    """With LoRA or ControlNet training: every base subtree (trained: `lora`, or the
+    ControlNet)."""
+    if not self.adapts_base:
       return ()
-    return ("unet", "text_encoder", "autoencoder") + tuple(sorted(self.config.model.controlnets))
+    keys = ("unet", "text_encoder", "autoencoder")
+    if self.config.model.lora_rank:
+      keys += tuple(sorted(self.config.model.controlnets))
+    return keys
 
   @property
   def lora_scale(self) -> float:
@@ -201,8 +249,8 @@ class LatentDiffusionTask(Task):
     """Before the first init: read the autoencoder run and measure the latent scale on a
     (preprocessed) batch: the SD recipe, 1 / std of the latents, so the diffusion sees unit
     variance."""
-    if self.config.model.pretrained:
-      return  # the folder's VAE and scaling factor
+    if self.config.model.pretrained or self.config.model.base_workdir:
+      return  # the base's autoencoder and latent scale
     _, ae_params = self._autoencoder_run()
     if self.config.model.latent_scale:
       return
@@ -217,11 +265,39 @@ class LatentDiffusionTask(Task):
 
   def initial_values(self) -> dict[str, PyTree]:
     """The trained first stage, replacing its random init in a fresh run; with
-    model.pretrained, all of the folder's weights."""
-    if self.config.model.pretrained:
+    model.pretrained or model.base_workdir, all of the base's weights (and, training a
+    ControlNet, its initial copy of the base U-Net's encoder)."""
+    m = self.config.model
+    if m.base_workdir:
+      from jaxt2i.eval.runner import load_run
+      config, _, params = load_run(m.base_workdir)
+      if config.task != self.name:
+        raise ConfigError(f"config.model.base_workdir={m.base_workdir} is a {config.task!r} "
+                          "run, not latent diffusion")
+      values = {k: jax.tree.map(np.asarray, jax.device_get(params[k]))
+                for k in ("unet", "text_encoder", "autoencoder")}
+    elif m.pretrained:
       from jaxt2i.convert.diffusers_pipeline import params_from_diffusers
-      return params_from_diffusers(self.config.model.pretrained)
-    return {"autoencoder": self._autoencoder_run()[1]}
+      values = params_from_diffusers(m.pretrained)
+    else:
+      return {"autoencoder": self._autoencoder_run()[1]}
+    if m.control_image:
+      (name, net), = self.controlnets.items()
+      size = self.config.data.image_size
+      h, w, c = self.latent_shape()
+      fresh = jax.jit(net.init)(jax.random.key(self.config.seed), jnp.zeros((1, h, w, c)),
+                                jnp.zeros((1,), jnp.int32),
+                                jnp.zeros((1, 1, self.text_width)),
+                                jnp.zeros((1, size, size, net.conditioning_channels)))["params"]
+      values[name] = params_from_unet(values["unet"],
+                                      jax.tree.map(np.asarray, meta.unbox(fresh)))
+    return values
+
+  def control_from_images(self, images: jax.Array) -> jax.Array:
+    """Control images [B, H, W, 3] in [0, 1] derived from images in the data value range, as
+    model.control_image says (see CONTROL_IMAGES)."""
+    low, high = self.config.data.value_range
+    return CONTROL_IMAGES[self.config.model.control_image]((images - low) / (high - low))
 
   def unconditional(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The empty prompt's (tokens, mask), shaped like the given batch."""
@@ -367,7 +443,15 @@ class LatentDiffusionTask(Task):
     # (With LoRA only the adapters get gradients: the base subtrees are constants.)
     text_params = params if m.text_trainable or m.lora_rank else jax.lax.stop_gradient(params)
     context = self.encode_text(text_params, tokens, mask)
-    out = self.unet.apply({"params": params["unet"]}, x_t, t, context).astype(jnp.float32)
+    residuals = {}
+    if m.control_image:
+      (name, net), = self.controlnets.items()
+      down, mid = net.apply({"params": params[name]}, x_t, t, context,
+                            self.control_from_images(batch["image"]))
+      residuals = {"down_block_additional_residuals": down,
+                   "mid_block_additional_residual": mid}
+    out = self.unet.apply({"params": params["unet"]}, x_t, t, context,
+                          **residuals).astype(jnp.float32)
     target = schedules.training_target(schedule, x0, noise, t)
     per_example = jnp.mean(jnp.square(out - target), axis=(1, 2, 3))
     weight = schedules.loss_weight(schedule, t, m.loss_weighting, m.snr_gamma)
