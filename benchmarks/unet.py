@@ -2,7 +2,7 @@
 
   python benchmarks/unet.py [--preset cpu|sd15] [--dtype float32|bfloat16] [--repeats 5]
       [--batch 8] [--tokens 77] [--attention auto] [--sampling_steps 0] [--torch_compile]
-      [--no_record]
+      [--skip_train] [--no_record]
 
 Presets:
   cpu   a latent-diffusion U-Net of SD1 shape at CPU size: block_out_channels (64, 128, 256),
@@ -19,7 +19,10 @@ training scripts do with mixed_precision="bf16"); the sampling passes use bfloat
 
   train step     forward + MSE to the noise + backward + Adam (lr 1e-4) update; ours is one
                  jitted function with params and optimizer state donated.
-  sampling step  forward only (torch.inference_mode; jitted apply).
+  sampling step  forward only (torch.inference_mode; jitted apply). With --skip_train (the
+                 sd15 preset on a CPU: its Adam state does not fit beside two models) only
+                 this step and the loops are timed; `--batch 2` is one guided step of a
+                 512 px pipeline at one image.
   sampling loop  (--sampling_steps N) N DDIM steps with classifier-free guidance (the cond
                  and uncond halves in one batched call, as StableDiffusionPipeline does) at
                  batch 1 and `--batch`: ours one jitted fori_loop (jaxt2i.diffusion.samplers),
@@ -82,7 +85,7 @@ def make_inputs(config: dict, batch: int, tokens: int) -> dict[str, np.ndarray]:
           "noise": rng.standard_normal((batch, size, size, 4), np.float32)}
 
 
-def jax_steps(model, params, inputs, dtype) -> tuple[dict, dict]:
+def jax_steps(model, params, inputs, dtype, train: bool = True) -> tuple[dict, dict]:
   """The jitted train and sampling steps as blocking no-argument callables, and their
   compile times and FLOPs."""
   sample, timesteps, text, noise = (jnp.asarray(inputs[k])
@@ -98,11 +101,13 @@ def jax_steps(model, params, inputs, dtype) -> tuple[dict, dict]:
     return optax.apply_updates(params, updates), opt_state, loss
 
   state = {"params": jax.tree.map(jnp.asarray, params)}
-  state["opt"] = optimizer.init(state["params"])
-  train_args = (state["params"], state["opt"], sample, timesteps, text, noise)
-  train_flops = harness.xla_flops(jax.jit(train_step), *train_args)
-  train, train_compile_s = harness.compile_seconds(
-      jax.jit(train_step, donate_argnums=(0, 1)), *train_args)
+  train_flops = train_compile_s = None
+  if train:
+    state["opt"] = optimizer.init(state["params"])
+    train_args = (state["params"], state["opt"], sample, timesteps, text, noise)
+    train_flops = harness.xla_flops(jax.jit(train_step), *train_args)
+    train, train_compile_s = harness.compile_seconds(
+        jax.jit(train_step, donate_argnums=(0, 1)), *train_args)
   # Copies: the train step donates (deletes) its params.
   cast = lambda p: jax.tree.map(lambda x: jnp.array(x, dtype, copy=True), p)
   forward_args = ({"params": cast(state["params"])}, sample, timesteps, text)
@@ -115,6 +120,8 @@ def jax_steps(model, params, inputs, dtype) -> tuple[dict, dict]:
     jax.block_until_ready(loss)
 
   sampling_params = {"params": cast(state["params"])}
+  if not train:
+    del state["params"]
 
   def sample_once():
     jax.block_until_ready(forward(sampling_params, sample, timesteps, text))
@@ -129,7 +136,7 @@ def torch_device():
   return "cuda" if harness.on_accelerator() and torch.cuda.is_available() else "cpu"
 
 
-def torch_steps(reference, inputs, dtype: str) -> dict:
+def torch_steps(reference, inputs, dtype: str, train: bool = True) -> dict:
   """diffusers' train and sampling steps on the same inputs (NCHW)."""
   import torch
   device = torch_device()
@@ -138,11 +145,12 @@ def torch_steps(reference, inputs, dtype: str) -> dict:
   sample, noise = to_nchw(inputs["sample"]), to_nchw(inputs["noise"])
   timesteps = torch.from_numpy(inputs["timesteps"].astype(np.int64)).to(device)
   text = torch.from_numpy(inputs["text"]).to(device)
-  optimizer = torch.optim.Adam(reference.parameters(), lr=LEARNING_RATE)
+  optimizer = torch.optim.Adam(reference.parameters(), lr=LEARNING_RATE) if train else None
   reference.train()  # dropout is 0: the same function as eval mode
   autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
   low = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-  sampler = copy.deepcopy(reference).to(low).eval()
+  sampler = copy.deepcopy(reference).to(low).eval() if train or low != torch.float32 else \
+      reference.eval()
 
   def train_once():
     optimizer.zero_grad(set_to_none=True)
@@ -271,9 +279,12 @@ def main():
   parser.add_argument("--loop_repeats", type=int, default=3)
   parser.add_argument("--torch_compile", action="store_true",
                       help="also time the loops with the PyTorch U-Net under torch.compile")
+  parser.add_argument("--skip_train", action="store_true",
+                      help="time sampling only (the forward step and the loops)")
   parser.add_argument("--no_record", action="store_true", help="print only")
   args = parser.parse_args()
   config = PRESETS[args.preset]
+  steps = ("sample",) if args.skip_train else ("train", "sample")
   dtype = jnp.dtype(args.dtype)
 
   import diffusers
@@ -294,35 +305,39 @@ def main():
 
   load_before = os.getloadavg()[0]
   ceiling = harness.matmul_ceiling()
-  ours_fns, info = jax_steps(model, params, inputs, dtype)
+  ours_fns, info = jax_steps(model, params, inputs, dtype, train=not args.skip_train)
   del params
-  theirs_fns = torch_steps(reference, inputs, args.dtype)
+  theirs_fns = torch_steps(reference, inputs, args.dtype, train=not args.skip_train)
   ours, theirs = {}, {}
-  for step in ("train", "sample"):
+  for step in steps:
     timing = time_interleaved({"ours": ours_fns[step], "theirs": theirs_fns[step]},
                               warmup=2, repeats=args.repeats)
     ours[step], theirs[step] = timing["ours"], timing["theirs"]
     print(f"{step}: ours {ours[step].median_s:.4f} s, PyTorch {theirs[step].median_s:.4f} s",
           flush=True)
-  print(f"train compile {info['train_compile_s']:.1f} s, {info['train_flops'] / 1e12:.3g} "
-        f"TFLOP: MFU {info['train_flops'] / ours['train'].median_s / ceiling['flops_per_s']:.1%};"
-        f" sampling compile {info['sample_compile_s']:.1f} s, {info['sample_flops'] / 1e12:.3g} "
+  if "train" in ours:
+    print(f"train compile {info['train_compile_s']:.1f} s, {info['train_flops'] / 1e12:.3g} "
+          f"TFLOP: MFU {info['train_flops'] / ours['train'].median_s / ceiling['flops_per_s']:.1%}",
+          flush=True)
+  print(f"sampling compile {info['sample_compile_s']:.1f} s, {info['sample_flops'] / 1e12:.3g} "
         f"TFLOP: {info['sample_flops'] / ours['sample'].median_s / ceiling['flops_per_s']:.1%}; "
         f"ceiling {ceiling['flops_per_s'] / 1e12:.3g} TFLOP/s", flush=True)
   loop_rows, loop_data = [], None
   if args.sampling_steps:
-    del reference, theirs_fns["train"]
+    del reference
+    theirs_fns.pop("train", None)
     loop_rows, loop_data = sampling_loops(args, config, model, ours_fns["sampling_params"],
                                           theirs_fns, dtype)
   load_after = os.getloadavg()[0]
 
   rows = []
   for step, label in (("train", "train (fwd + bwd + Adam)"), ("sample", "sampling (forward)")):
+    if step not in ours:
+      continue
     a, b = ours[step], theirs[step]
     rows.append(f"| {label} | {a.median_s:.4f} ({a.min_s:.4f}) | {b.median_s:.4f} "
                 f"({b.min_s:.4f}) | **{a.median_s / b.median_s:.2f}x** "
                 f"({a.min_s / b.min_s:.2f}x) |")
-  gflops = info["train_flops"] / 1e9
   rate = lambda flops, t: flops / t.median_s
   device = jax.devices()[0]
   threads = (f"with {torch.get_num_threads()} threads" if torch_device() == "cpu"
@@ -337,17 +352,24 @@ def main():
         f"{torch.__version__} {threads}, diffusers {diffusers.__version__}. Medians (minima) "
         f"of {args.repeats} repeats after 2 warm-up calls, the two frameworks alternating.\n\n"
         "| step | jaxt2i s/step | PyTorch s/step | ours / PyTorch (of minima) |\n|---|---|---|---|\n"
-        + "\n".join(rows) + "\n\n"
-        f"Train step: compile {info['train_compile_s']:.1f} s, XLA cost_analysis "
-        f"{gflops:.1f} GFLOP ({rate(info['train_flops'], ours['train']) / 1e9:.0f} GFLOP/s at "
-        f"the median); sampling step {info['sample_flops'] / 1e9:.1f} GFLOP, compile "
-        f"{info['sample_compile_s']:.1f} s. Goal: ours <= 1.0x PyTorch.\n\n"
-        f"Model FLOP utilisation: the measured XLA {ceiling['dtype']} matmul ceiling is "
-        f"{ceiling['flops_per_s'] / 1e12:.3g} TFLOP/s (best of square matmuls "
-        f"{', '.join(f'{n}: {r / 1e12:.3g}' for n, r in ceiling['by_size'].items())}); the "
-        f"train step runs at **{rate(info['train_flops'], ours['train']) / ceiling['flops_per_s']:.0%} "
-        f"of it** (sampling step "
-        f"{rate(info['sample_flops'], ours['sample']) / ceiling['flops_per_s']:.0%}).\n")
+        + "\n".join(rows) + "\n\n")
+  if "train" in ours:
+    md += (f"Train step: compile {info['train_compile_s']:.1f} s, XLA cost_analysis "
+           f"{info['train_flops'] / 1e9:.1f} GFLOP "
+           f"({rate(info['train_flops'], ours['train']) / 1e9:.0f} GFLOP/s at the median); ")
+  md += (f"sampling step {info['sample_flops'] / 1e9:.1f} GFLOP, compile "
+         f"{info['sample_compile_s']:.1f} s. Goal: ours <= 1.0x PyTorch.\n\n"
+         f"Model FLOP utilisation: the measured XLA {ceiling['dtype']} matmul ceiling is "
+         f"{ceiling['flops_per_s'] / 1e12:.3g} TFLOP/s (best of square matmuls "
+         f"{', '.join(f'{n}: {r / 1e12:.3g}' for n, r in ceiling['by_size'].items())}); ")
+  if "train" in ours:
+    md += (f"the train step runs at "
+           f"**{rate(info['train_flops'], ours['train']) / ceiling['flops_per_s']:.0%} of it** "
+           "(sampling step ")
+  else:
+    md += "the sampling step runs at "
+  md += (f"{rate(info['sample_flops'], ours['sample']) / ceiling['flops_per_s']:.0%}"
+         + (").\n" if "train" in ours else " of it.\n"))
   if loop_rows:
     names = ["ours", "torch eager"] + (["torch.compile"] if args.torch_compile else [])
     md += (f"\nSampling loop: {args.sampling_steps} DDIM steps with classifier-free guidance "
@@ -370,15 +392,13 @@ def main():
   data = {"config": {**{k: v for k, v in config.items() if not k.startswith("_")},
                      "preset": args.preset, "dtype": args.dtype, "batch": args.batch,
                      "tokens": args.tokens, "attention": args.attention, "params": n_params},
-          "jaxt2i": {"train": ours["train"].as_dict(), "sample": ours["sample"].as_dict(),
-                     **info},
-          "pytorch": {"train": theirs["train"].as_dict(), "sample": theirs["sample"].as_dict()},
-          "ratio_train": ours["train"].median_s / theirs["train"].median_s,
-          "ratio_sample": ours["sample"].median_s / theirs["sample"].median_s,
-          "ratio_train_of_minima": ours["train"].min_s / theirs["train"].min_s,
-          "ratio_sample_of_minima": ours["sample"].min_s / theirs["sample"].min_s,
+          "jaxt2i": {**{k: t.as_dict() for k, t in ours.items()}, **info},
+          "pytorch": {k: t.as_dict() for k, t in theirs.items()},
+          **{f"ratio_{k}": ours[k].median_s / theirs[k].median_s for k in ours},
+          **{f"ratio_{k}_of_minima": ours[k].min_s / theirs[k].min_s for k in ours},
           "matmul_ceiling": ceiling,
-          "mfu_train": rate(info["train_flops"], ours["train"]) / ceiling["flops_per_s"],
+          "mfu_train": (rate(info["train_flops"], ours["train"]) / ceiling["flops_per_s"]
+                        if "train" in ours else None),
           "mfu_sample": rate(info["sample_flops"], ours["sample"]) / ceiling["flops_per_s"],
           "sampling_loops": loop_data,
           "load_average_before_after": [load_before, load_after]}
@@ -387,9 +407,14 @@ def main():
   else:
     command = "python benchmarks/unet.py" + "".join(
         f" --{k} {v}" for k, v in vars(args).items()
-        if k not in ("no_record", "torch_compile") and v != parser.get_default(k)) + (
-        " --torch_compile" if args.torch_compile else "")
-    harness.record("unet_step", command, md, data)
+        if k not in ("no_record", "torch_compile", "skip_train")
+        and v != parser.get_default(k)) + (
+        " --torch_compile" if args.torch_compile else "") + (
+        " --skip_train" if args.skip_train else "")
+    # (On an accelerator the sd15 preset is the one run: harness names it unet_step_gpu.)
+    name = "unet_step" + (f"_{args.preset}" if args.preset != "cpu"
+                          and not harness.on_accelerator() else "")
+    harness.record(name, command, md, data)
 
 
 if __name__ == "__main__":
