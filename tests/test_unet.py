@@ -235,6 +235,17 @@ def test_every_param_has_logical_axes_and_gradient():
     assert np.isfinite(g).all(), jax.tree_util.keystr(path)
     assert np.abs(g).max() > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
 
+  # Gradient checkpointing: the same params, loss and gradients.
+  remat = model.clone(remat_policy="dots")
+  assert jax.tree.structure(jax.eval_shape(remat.init, jax.random.key(0), *inputs)) == \
+      jax.tree.structure(jax.eval_shape(model.init, jax.random.key(0), *inputs))
+  value2, grads2 = jax.jit(jax.value_and_grad(
+      lambda p: jnp.mean(remat.apply({"params": p}, *inputs) ** 2)))(params)
+  np.testing.assert_allclose(value2, value, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads2, grads)
+  with pytest.raises(ValueError, match="remat policy 'some'"):
+    model.clone(remat_policy="some").init(jax.random.key(0), *inputs)
+
 
 def test_bfloat16_compute_close_to_float32():
   model, inputs, _, params = _tiny()

@@ -115,7 +115,8 @@ def fields_from_unet(unet: UNet, conditioning_channels: int = 3,
     raise ValueError(f"downsample_factor={downsample_factor} must be 1, 2, 4 or 8")
   widths = (16, 32, 96, 256)[:steps + 1]
   fields = {f.name: getattr(unet, f.name) for f in dataclasses.fields(UNet)
-            if f.name not in ("parent", "name", "dtype", "attention_implementation")}
+            if f.name not in ("parent", "name", "dtype", "attention_implementation",
+                              "remat_policy")}
   return {**fields, "conditioning_channels": conditioning_channels,
           "conditioning_embedding_out_channels": widths}
 

@@ -20,6 +20,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# What nn.remat keeps for the backward pass (a model's `remat_policy`): "full" keeps only each
+# wrapped block's inputs (recompute everything); "dots" keeps matmul and convolution outputs
+# (recompute the cheap elementwise work); "dots_no_batch" keeps the weight matmuls' outputs
+# but not attention's batched ones.
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def remat(module: type, policy: str, **kwargs) -> type:
+  """`module` under nn.remat with a REMAT_POLICIES policy; "" returns it unchanged."""
+  if not policy:
+    return module
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat policy {policy!r}: choose one of {sorted(REMAT_POLICIES)}")
+  return nn.remat(module, policy=REMAT_POLICIES[policy], **kwargs)
+
 Padding = str | int | Sequence[tuple[int, int]]
 
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxt2i.models import layers
 from jaxt2i.models.attention import PATTERNS, CausalSelfAttention, check_pattern
 
 PyTree = Any
@@ -126,14 +127,7 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache
 
 
-# What nn.remat keeps for the backward pass: "full" keeps only each block's input (recompute
-# everything); "dots" keeps matmul outputs (recompute the cheap elementwise work);
-# "dots_no_batch" keeps the weight matmuls' outputs but not attention's batched ones.
-REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+REMAT_POLICIES = layers.REMAT_POLICIES
 
 
 def scan_plan(patterns: Sequence[str]) -> tuple[tuple[str, ...], int]:

@@ -39,6 +39,8 @@ class BlockSettings:
   use_linear_projection: bool    # transformer proj_in / proj_out: Dense (SD2) or 1x1 conv (SD1)
   attention_implementation: str  # see jaxt2i.models.attention
   dtype: Any                     # compute dtype
+  remat_policy: str = ""         # "" or a layers.REMAT_POLICIES key, for every resnet and
+                                 # transformer block
 
 
 class GEGLU(nn.Module):
@@ -113,8 +115,9 @@ class Transformer2D(nn.Module):
       h = layers.conv(channels, 1, s.dtype, "proj_in", padding=0)(h)
       h = h.reshape(batch, height * width, channels)
     for i in range(self.num_layers):
-      h = BasicTransformerBlock(self.num_heads, channels // self.num_heads, s,
-                                name=f"transformer_blocks_{i}")(h, context)
+      block = layers.remat(BasicTransformerBlock, s.remat_policy)
+      h = block(self.num_heads, channels // self.num_heads, s,
+                name=f"transformer_blocks_{i}")(h, context)
     if s.use_linear_projection:
       h = layers.dense(channels, ("embed", "conv_out"), s.dtype, "proj_out")(h)
       h = h.reshape(batch, height, width, channels)
@@ -125,8 +128,9 @@ class Transformer2D(nn.Module):
 
 
 def _resnet(out_channels: int, s: BlockSettings, name: str) -> layers.ResnetBlock:
-  return layers.ResnetBlock(out_channels, groups=s.groups, eps=s.eps, dropout=s.dropout,
-                            dtype=s.dtype, name=name)
+  block = layers.remat(layers.ResnetBlock, s.remat_policy, static_argnums=(3,))  # determin.
+  return block(out_channels, groups=s.groups, eps=s.eps, dropout=s.dropout, dtype=s.dtype,
+               name=name)
 
 
 class DownBlock(nn.Module):
@@ -233,6 +237,9 @@ class UNet(nn.Module):
   freq_shift: int = 0                        # timestep embedding downscale_freq_shift
   dropout: float = 0.0                       # in the residual blocks (diffusers' placement)
   attention_implementation: str = "auto"     # "auto" | "einsum" | "xla" | "cudnn"
+  # Gradient checkpointing of every resnet and transformer block: "" (off), "full", "dots"
+  # or "dots_no_batch" (layers.REMAT_POLICIES); the same numbers, less activation memory.
+  remat_policy: str = ""
   dtype: Any = jnp.float32                   # compute dtype; params stay float32
 
   def _check(self, sample, encoder_hidden_states) -> None:
@@ -260,7 +267,7 @@ class UNet(nn.Module):
     t_layers = _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
     return heads, num_layers, t_layers, BlockSettings(
         self.norm_num_groups, self.norm_eps, self.dropout, self.use_linear_projection,
-        self.attention_implementation, self.dtype)
+        self.attention_implementation, self.dtype, self.remat_policy)
 
   def _embed(self, timesteps: jax.Array, encoder_hidden_states: jax.Array, batch: int
              ) -> tuple[jax.Array, jax.Array]:

@@ -130,6 +130,7 @@ class LatentDiffusionTask(Task):
     m.use_linear_projection = True
     m.norm_num_groups = 32
     m.attention_implementation = "auto"
+    m.remat_policy = ""              # U-Net / ControlNet remat: "" | full | dots | dots_no_batch
     # Diffusion.
     m.schedule = "scaled_linear"     # linear | scaled_linear | cosine
     m.num_train_timesteps = 1000
@@ -349,7 +350,7 @@ class LatentDiffusionTask(Task):
     for name, fields in sorted(m.controlnets.items()):
       fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.to_dict().items()}
       out[name] = ControlNet(**{**fields, "attention_implementation": m.attention_implementation,
-                                "dtype": self.compute_dtype})
+                                "remat_policy": m.remat_policy, "dtype": self.compute_dtype})
     return out
 
   @property
@@ -358,7 +359,7 @@ class LatentDiffusionTask(Task):
     if m.unet:
       fields = {k: tuple(v) if isinstance(v, list) else v for k, v in m.unet.to_dict().items()}
       return UNet(**{**fields, "attention_implementation": m.attention_implementation,
-                     "dtype": self.compute_dtype})
+                     "remat_policy": m.remat_policy, "dtype": self.compute_dtype})
     latent = self.autoencoder.latent_channels
     return UNet(in_channels=latent, out_channels=latent,
                 block_out_channels=tuple(m.block_out_channels),
@@ -367,7 +368,8 @@ class LatentDiffusionTask(Task):
                 cross_attention_dim=m.text_width, use_linear_projection=m.use_linear_projection,
                 transformer_layers_per_block=m.transformer_layers_per_block,
                 norm_num_groups=m.norm_num_groups,
-                attention_implementation=m.attention_implementation, dtype=self.compute_dtype)
+                attention_implementation=m.attention_implementation,
+                remat_policy=m.remat_policy, dtype=self.compute_dtype)
 
   def latent_shape(self, image_size: int | None = None) -> tuple[int, int, int]:
     size = (image_size or self.config.data.image_size) // self.autoencoder.downsample_factor
