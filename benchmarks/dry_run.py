@@ -2,7 +2,8 @@
 over 8 fake CPU devices without materialising them (jaxt2i/parallel/dry_run.py), with the
 per-device memory of an AdamW training step from the compiled program's memory analysis.
 
-  python benchmarks/dry_run.py [--models unet-sd15 transformer-1b] [--strategies dp fsdp fsdp_tp]
+  python benchmarks/dry_run.py [--models unet-sd15 unet-sd15-remat transformer-1b]
+      [--strategies dp fsdp fsdp_tp]
       [--batch 8] [--dtype bfloat16] [--no_record]
 
 Meshes: dp = data 8; fsdp = fsdp 8; fsdp_tp = fsdp 4 x tensor 2. The batch is global.
@@ -69,6 +70,8 @@ def transformer_plan(model: tr.Transformer, batch: int):
 def models(dtype, batch: int) -> dict:
   return {
       "unet-sd15": lambda: unet_plan(unet_variant("sd1", dtype=dtype), batch, 64, 77),
+      "unet-sd15-remat": lambda: unet_plan(unet_variant("sd1", dtype=dtype, remat_policy="full"),
+                                           batch, 64, 77),
       "unet-tiny": lambda: unet_plan(unet_variant("tiny", dtype=dtype), batch, 16, 8),
       "transformer-1b": lambda: transformer_plan(tr.Transformer(
           text_vocab=16384, text_len=64, grid=(32, 32), width=2048, depth=20, num_heads=16,
@@ -114,7 +117,8 @@ def main():
       print(rows[-1], flush=True)
   md = (f"AdamW training step, global batch {args.batch}, {args.dtype} compute (float32 "
         "params and optimizer state), planned on 8 fake CPU devices from ShapeDtypeStructs "
-        "only. unet-sd15: the SD 1.5 U-Net, 64x64x4 latents, 77 text tokens; transformer-1b: "
+        "only. unet-sd15: the SD 1.5 U-Net, 64x64x4 latents, 77 text tokens (-remat: every "
+        "resnet and transformer block rematerialised, remat_policy='full'); transformer-1b: "
         "64 text + 32x32 image tokens, width 2048, 20 layers of 16 heads, rematerialised "
         "blocks. Per-device GiB from the arrays' shards (params, optimizer) and from XLA's "
         "memory analysis of the compiled step (arguments, temporaries, peak = arguments + "
