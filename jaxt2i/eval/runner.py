@@ -147,7 +147,7 @@ def load_run(workdir: epath.PathLike, *, ema: bool = True):
   params = restore_params(workdir / "checkpoints",
                           {k: v for k, v in abstract.items() if k not in constant}, ema=ema)
   if constant:  # e.g. a LoRA run's base model, read from where the run read it
-    values = task.initial_values()
+    values = task.constant_values()
     params = {**{k: values[k] for k in constant}, **params}
   return config, task, params
 

@@ -84,6 +84,13 @@ class Task(abc.ABC):
     run (not on resume), e.g. a pretrained, frozen component."""
     return None
 
+  def constant_values(self) -> dict[str, PyTree]:
+    """Values (numpy) of the constant subtrees (constant_keys) alone: what a resumed or
+    loaded run reads again. By default taken from initial_values(); override it when those
+    include costly values of trained subtrees that only a fresh run needs."""
+    values = self.initial_values() or {}
+    return {k: values[k] for k in self.constant_keys if k in values}
+
   def data_source(self, split: str) -> Sequence[Mapping[str, Any]] | None:
     """Records of `split` when the task makes its own data (e.g. generated on the fly);
     None reads config.data from tfds."""

@@ -269,19 +269,9 @@ class LatentDiffusionTask(Task):
     model.pretrained or model.base_workdir, all of the base's weights (and, training a
     ControlNet, its initial copy of the base U-Net's encoder)."""
     m = self.config.model
-    if m.base_workdir:
-      from jaxt2i.eval.runner import load_run
-      config, _, params = load_run(m.base_workdir)
-      if config.task != self.name:
-        raise ConfigError(f"config.model.base_workdir={m.base_workdir} is a {config.task!r} "
-                          "run, not latent diffusion")
-      values = {k: jax.tree.map(np.asarray, jax.device_get(params[k]))
-                for k in ("unet", "text_encoder", "autoencoder")}
-    elif m.pretrained:
-      from jaxt2i.convert.diffusers_pipeline import params_from_diffusers
-      values = params_from_diffusers(m.pretrained)
-    else:
+    if not (m.base_workdir or m.pretrained):
       return {"autoencoder": self._autoencoder_run()[1]}
+    values = self._base_values()
     if m.control_image:
       (name, net), = self.controlnets.items()
       size = self.config.data.image_size
@@ -293,6 +283,28 @@ class LatentDiffusionTask(Task):
       values[name] = params_from_unet(values["unet"],
                                       jax.tree.map(np.asarray, meta.unbox(fresh)))
     return values
+
+  def constant_values(self) -> dict[str, PyTree]:
+    """The constant base subtrees alone (no fresh ControlNet copy): what resumed and loaded
+    LoRA / ControlNet runs read again."""
+    if not self.constant_keys:
+      return {}
+    values = self._base_values()
+    return {k: values[k] for k in self.constant_keys}
+
+  def _base_values(self) -> dict[str, PyTree]:
+    """All weights of model.base_workdir (EMA) or model.pretrained, float32 numpy."""
+    m = self.config.model
+    if m.base_workdir:
+      from jaxt2i.eval.runner import load_run
+      config, _, params = load_run(m.base_workdir)
+      if config.task != self.name:
+        raise ConfigError(f"config.model.base_workdir={m.base_workdir} is a {config.task!r} "
+                          "run, not latent diffusion")
+      return {k: jax.tree.map(np.asarray, jax.device_get(params[k]))
+              for k in ("unet", "text_encoder", "autoencoder")}
+    from jaxt2i.convert.diffusers_pipeline import params_from_diffusers
+    return params_from_diffusers(m.pretrained)
 
   def control_from_images(self, images: jax.Array) -> jax.Array:
     """Control images [B, H, W, 3] in [0, 1] derived from images in the data value range, as

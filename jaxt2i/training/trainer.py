@@ -202,7 +202,7 @@ class Trainer:
     if self.constants is None:
       keys = tuple(self.task.constant_keys)
       if values is None and keys:
-        values = self.task.initial_values()
+        values = self.task.constant_values()
       values = values or {}
       missing = sorted(set(keys) - set(values))
       if missing:
