@@ -54,38 +54,72 @@ class Tracking(pipeline.InMemorySource):
     return super().__getitem__(i)
 
 
-def test_hosts_read_disjoint_shards(tok):
+def _record_id(record):
+  return {"id": np.int32(record["id"])}
+
+
+def test_hosts_read_disjoint_slices_of_the_global_batches(tok):
   config = tiny_config()
-  seen = []
-  for host in range(2):
-    source = Tracking(records())
-    loader = pipeline.make_loader(config.data, global_batch_size=16, seed=0, source=source,
-                                  tokenizer=tok, process_index=host, process_count=2)
-    batches, _ = _read(loader, 3)
-    assert batches[0]["image"].shape[0] == 8  # each host yields its half of the batch
-    seen.append(set(source.ids))
-  assert seen[0] and seen[1] and not seen[0] & seen[1]
+  source = [dict(r, id=i) for i, r in enumerate(records())]
+  read = lambda host, hosts: _read(pipeline.make_loader(
+      config.data, global_batch_size=16, seed=0, source=source, tokenizer=tok,
+      process_index=host, process_count=hosts, features=_record_id), 10)[0]
+  single = read(0, 1)
+  halves = [read(host, 2) for host in range(2)]
+  assert halves[0][0]["image"].shape[0] == 8  # each host yields its half of the batch
+  for step in range(10):  # crosses the epoch boundary (128 / 16 = 8)
+    ids = [h[step]["id"] for h in halves]
+    assert not set(ids[0]) & set(ids[1])
+    np.testing.assert_array_equal(np.concatenate(ids), single[step]["id"])
+    np.testing.assert_array_equal(halves[1][step]["image"], single[step]["image"][8:])
+  first_epoch = np.concatenate([b["id"] for b in single[:8]])
+  assert sorted(first_epoch) == list(range(128))
 
 
-def test_iterator_state_restores_the_exact_order(tok):
+def test_start_position_continues_the_exact_order(tok):
   config = tiny_config()
   loader = pipeline.make_loader(config.data, global_batch_size=16, seed=3, source=records(),
                                 tokenizer=tok)
-  _, it = _read(loader, 5)
-  state = it.get_state()
-  expected = [next(it) for _ in range(4)]  # crosses the epoch boundary (128 / 16 = 8)
-  resumed = iter(loader)
-  resumed.set_state(state)
-  for want in expected:
-    got = next(resumed)
+  batches, _ = _read(loader, 9)  # crosses the epoch boundary (128 / 16 = 8)
+  resumed = pipeline.make_loader(config.data, global_batch_size=16, seed=3, source=records(),
+                                 tokenizer=tok, start=5 * 16)
+  again, _ = _read(resumed, 4)
+  for want, got in zip(batches[5:], again):
     np.testing.assert_array_equal(got["tokens"], want["tokens"])
     np.testing.assert_array_equal(got["image"], want["image"])
   # A different seed gives a different order.
   other = pipeline.make_loader(config.data, global_batch_size=16, seed=4, source=records(),
                                tokenizer=tok)
   first, _ = _read(other, 1)
-  again, _ = _read(loader, 1)
-  assert not np.array_equal(first[0]["tokens"], again[0]["tokens"])
+  assert not np.array_equal(first[0]["tokens"], batches[0]["tokens"])
+
+
+def test_global_order_is_independent_of_the_host_count():
+  n, batch = 40, 8
+  keys = lambda s: [s[i].record_key for i in range(len(s))]
+  one = pipeline.GlobalOrderSampler(n, global_batch_size=batch, process_index=0, process_count=1,
+                                    shuffle=True, seed=7, num_epochs=3)
+  order = keys(one)
+  assert len(order) == 3 * n
+  epochs = [order[e * n:(e + 1) * n] for e in range(3)]
+  assert all(sorted(e) == list(range(n)) for e in epochs)  # each epoch sees every record once
+  assert epochs[0] != epochs[1] and epochs[0] != list(range(n))  # reshuffled every epoch
+  for hosts in (2, 4):
+    shares = [keys(pipeline.GlobalOrderSampler(
+        n, global_batch_size=batch, process_index=p, process_count=hosts, shuffle=True, seed=7,
+        num_epochs=3)) for p in range(hosts)]
+    local = batch // hosts
+    merged = [k for step in range(len(order) // batch)
+              for share in shares for k in share[step * local:(step + 1) * local]]
+    assert merged == order, hosts
+  late = pipeline.GlobalOrderSampler(n, global_batch_size=batch, process_index=1,
+                                     process_count=2, shuffle=True, seed=7, num_epochs=3,
+                                     start=5 * batch)
+  assert keys(late)[:4] == order[5 * batch + 4:5 * batch + 8]
+  # The last incomplete global batch is dropped: 3 x 42 = 126 records make 15 batches of 8.
+  odd = pipeline.GlobalOrderSampler(42, global_batch_size=batch, process_index=0,
+                                    process_count=1, shuffle=False, seed=0, num_epochs=3)
+  assert len(odd) == 15 * batch and keys(odd)[:3] == [0, 1, 2]
 
 
 def test_folder_dataset_through_the_loader(tmp_path, tok):

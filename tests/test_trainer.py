@@ -111,7 +111,8 @@ def test_reshard_on_restore_8_to_2_devices(tmp_path, tok):
   trainer.build({k: jax.ShapeDtypeStruct((16,) + v.shape[1:], v.dtype,
                                          sharding=trainer.batch_sharding)
                  for k, v in next(it).items()})
-  state2 = trainer.initial_state(iter(trainer.make_loader(source=records())))
+  state2 = trainer.initial_state()
+  assert trainer.data_position == 2 * 16
   kernel = state2.params["fc1"]["kernel"]
   assert kernel.sharding.spec == P("fsdp") and len(kernel.sharding.device_set) == 2
   restored = flat(jax.device_get(state2))
@@ -311,9 +312,11 @@ def test_checkpoint_items_and_workdir_layout(tmp_path, tok):
   ckpt = tmp_path / "checkpoints"
   assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["4"]
   items = {p.name for p in (ckpt / "4").iterdir()}
-  assert {"params", "opt_state", "ema_params", "counters", "data", "config"} <= items
+  assert {"params", "opt_state", "ema_params", "counters", "data_position", "config"} <= items
   step, counters = read_item(tmp_path, "counters")
   assert int(counters["step"]) == 4
+  position = json.loads((ckpt / "4" / "data_position" / "metadata").read_text())
+  assert position == {"position": 4 * config.batch_size}
   assert json.loads((tmp_path / "config.json").read_text())["task"] == "caption_regression"
   assert list((tmp_path / "tensorboard").iterdir())
   assert list((tmp_path / "samples").glob("samples_*.png"))

@@ -1,10 +1,14 @@
-"""grain input pipeline: tfds data source -> per-host shard -> shuffle -> preprocess -> batch.
+"""grain input pipeline: tfds data source -> global record order -> this host's slice ->
+preprocess -> batch.
 
-Each host reads a disjoint shard of the records (grain ShardOptions by process index) and
-yields its share of the global batch as numpy; the trainer assembles the global array with
-`jax.make_array_from_process_local_data`. The iterator's state (how far each epoch went and
-the shuffle seed) is saved with every checkpoint, so a resumed run sees exactly the batches an
-uninterrupted run would have seen.
+The records form one global sequence: epoch after epoch, each a fresh permutation of the data
+set when shuffling (`GlobalOrderSampler`). The sequence is cut into global batches, and host p
+of n reads slice p of each, yielding its share as numpy; the trainer assembles the global
+array with `jax.make_array_from_process_local_data`. Hosts read disjoint records, and the order
+depends only on the seed and the global batch size, never on the number of hosts: a run's data
+position is one number (records consumed, = steps x global batch), saved with every checkpoint,
+and a loader started there (`make_loader(start=...)`) continues the sequence exactly, on any
+number of processes and devices.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
+import grain.experimental as grain_experimental
 from absl import flags
 import jax
 import ml_collections
@@ -69,6 +75,71 @@ class Preprocess(grain.transforms.Map):
     if self.features is not None:
       out.update(self.features(record))
     return out
+
+
+class GlobalOrderSampler:
+  """grain sampler of one host's share of a global record sequence.
+
+  Global position g (0, 1, 2, ...) holds record `perm_e(g mod N)` of epoch e = g // N, where
+  perm_e is grain's index_shuffle keyed by (seed + e) (the identity without shuffling). Local
+  index k of host p (of n, each reading b = B / n per global batch of B) is global position
+  `start + (k // b) * B + p * b + k % b`. With `num_epochs`, the sequence ends after the last
+  complete global batch. Each record's rng (for random augmentations) follows its global
+  position, so it too is independent of the host count.
+  """
+
+  def __init__(self, num_records: int, *, global_batch_size: int, process_index: int,
+               process_count: int, shuffle: bool, seed: int, num_epochs: int | None = None,
+               start: int = 0):
+    if num_records < global_batch_size:
+      raise ValueError(f"data set has {num_records} records: too few for a global batch of "
+                       f"{global_batch_size}")
+    if start < 0:
+      raise ValueError(f"data start position {start} must be >= 0")
+    if not 0 <= seed < 2**32:
+      raise ValueError(f"seed {seed} must be a 32-bit non-negative integer")
+    self.num_records, self.global_batch_size = num_records, global_batch_size
+    self.process_index, self.process_count = process_index, process_count
+    self.local_batch = global_batch_size // process_count
+    self.shuffle, self.seed, self.num_epochs, self.start = shuffle, seed, num_epochs, start
+    self._end = None
+    if num_epochs is not None:
+      total = num_epochs * num_records
+      self._end = total - total % global_batch_size
+
+  def __len__(self) -> int:
+    if self._end is None:
+      return sys.maxsize
+    batches = max(self._end - self.start, 0) // self.global_batch_size
+    return batches * self.local_batch
+
+  def __repr__(self) -> str:
+    return (f"GlobalOrderSampler(num_records={self.num_records}, global_batch_size="
+            f"{self.global_batch_size}, process={self.process_index}/{self.process_count}, "
+            f"shuffle={self.shuffle}, seed={self.seed}, num_epochs={self.num_epochs}, "
+            f"start={self.start})")
+
+  def position(self, index: int) -> int:
+    """The global position that local `index` reads."""
+    step, offset = divmod(index, self.local_batch)
+    return (self.start + step * self.global_batch_size
+            + self.process_index * self.local_batch + offset)
+
+  def record_key(self, position: int) -> int:
+    epoch, i = divmod(position, self.num_records)
+    if not self.shuffle:
+      return i
+    return int(grain_experimental.index_shuffle(
+        i, max_index=self.num_records - 1, seed=(self.seed + epoch) % 2**32, rounds=4))
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    position = self.position(index)
+    if index < 0 or (self._end is not None and position >= self._end):
+      raise IndexError(f"index {index} (global position {position}) is past the end of "
+                       f"{self!r}")
+    rng = np.random.Generator(np.random.Philox(key=self.seed + position))
+    return grain.RecordMetadata(index=index, record_key=self.record_key(position),
+                                       rng=rng)
 
 
 class InMemorySource:
@@ -149,13 +220,15 @@ def make_loader(
     num_epochs: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    start: int = 0,
     text: bool = True,
     features: Callable[[Mapping[str, Any]], dict[str, np.ndarray]] | None = None,
 ) -> grain.DataLoader:
   """A grain DataLoader yielding this host's share of each global batch.
 
   `source` overrides the tfds source (any object with __len__ and __getitem__ returning
-  records like the builders'). `num_epochs=None` repeats forever (training). `text=False`
+  records like the builders'). `num_epochs=None` repeats forever (training). `start` is the
+  global record position to begin at (a resumed run's checkpointed data position). `text=False`
   skips the tokenizer (no `tokens` in the batch); `features` adds per-record arrays.
   """
   process_index = jax.process_index() if process_index is None else process_index
@@ -175,14 +248,13 @@ def make_loader(
     raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but config.data.vocab_size="
                      f"{data_cfg.vocab_size}; raise config.data.vocab_size")
   local_batch = global_batch_size // process_count
-  shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
-                                      drop_remainder=True)
-  if len(source) // process_count < local_batch:
+  if len(source) < global_batch_size:
     raise ValueError(f"data set {data_cfg.name!r} has {len(source)} records: too few for "
                      f"{process_count} host(s) x batch {local_batch}")
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=shard,
-      shuffle=data_cfg.shuffle if shuffle is None else shuffle, num_epochs=num_epochs, seed=seed)
+  sampler = GlobalOrderSampler(
+      len(source), global_batch_size=global_batch_size, process_index=process_index,
+      process_count=process_count, shuffle=data_cfg.shuffle if shuffle is None else shuffle,
+      seed=seed, num_epochs=num_epochs, start=start)
   ops = [
       Preprocess(tokenizer=tokenizer, image_size=data_cfg.image_size,
                  max_caption_length=data_cfg.max_caption_length,
@@ -193,8 +265,11 @@ def make_loader(
     # grain's worker processes read absl flags; outside an absl app (notebooks, scripts)
     # they would fail with UnparsedFlagAccessError, so accept the defaults.
     flags.FLAGS.mark_as_parsed()
-  logging.info("data: %s[%s] %d records, host %d/%d reads %d per step", data_cfg.name,
-               split or data_cfg.split, len(source), process_index, process_count, local_batch)
+  logging.info("data: %s[%s] %d records, host %d/%d reads %d per step%s", data_cfg.name,
+               split or data_cfg.split, len(source), process_index, process_count, local_batch,
+               f" from position {start}" if start else "")
+  # The sampler already yields only this host's records, so grain must not shard again.
   return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
+                          shard_options=grain.sharding.NoSharding(),
                           worker_count=data_cfg.worker_count,
                           worker_buffer_size=data_cfg.worker_buffer_size)

@@ -1,7 +1,8 @@
 """Orbax checkpoints: one item per component, restorable onto any mesh.
 
 Items: `params`, `opt_state`, `ema_params` (when EMA is on), `counters` (step, skipped, ...),
-`data` (the grain iterator of every host) and `config` (JSON). Saves are asynchronous: the
+`data_position` (JSON: how many records of the global data order the run has consumed, the
+same for every host and every topology; see jaxt2i/data/pipeline.py) and `config` (JSON). Saves are asynchronous: the
 device->host copy happens before `save` returns (so the next step may donate the buffers),
 the write continues in the background. A save only becomes visible once finalised (written to
 a temporary directory, then renamed), so a process killed mid-save leaves the previous
@@ -13,7 +14,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import grain
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -47,7 +47,7 @@ class Checkpointer:
   def due(self, step: int) -> bool:
     return step % self.every_steps == 0
 
-  def save(self, state: TrainState, data_iter: Any, config: dict) -> bool:
+  def save(self, state: TrainState, data_position: int | None, config: dict) -> bool:
     """Saves now (the caller decides when); async unless configured otherwise."""
     step = int(partitioning.fetch_replicated(state.step))
     items = {
@@ -58,16 +58,17 @@ class Checkpointer:
     }
     if state.ema_params is not None:
       items["ema_params"] = ocp.args.StandardSave(state.ema_params)
-    if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if data_position is not None:
+      items["data_position"] = ocp.args.JsonSave({"position": int(data_position)})
     saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     if saved:
       logging.info("checkpoint: saving step %d to %s", step, self.directory)
     return saved
 
-  def restore(self, step: int, abstract_state: TrainState, shardings: TrainState,
-              data_iter: Any) -> TrainState:
-    """Restores `step` onto `shardings` (any mesh); `data_iter` is restored in place."""
+  def restore(self, step: int, abstract_state: TrainState, shardings: TrainState
+              ) -> tuple[TrainState, int | None]:
+    """Restores `step` onto `shardings` (any mesh); also returns the data position (None
+    when the checkpoint has none: runs fed their batches directly)."""
     stored = set(self.manager.item_metadata(step).keys())
     missing = {"params", "opt_state", "counters"} - stored
     if missing:
@@ -86,10 +87,8 @@ class Checkpointer:
         # Restoring onto the target shardings reshards from whatever mesh wrote it.
         target = partitioning.with_shardings(target, getattr(shardings, name))
       items[name] = ocp.args.StandardRestore(target)
-    if data_iter is not None:
-      if "data" not in stored:
-        raise CheckpointError(f"checkpoint step {step} has no data-iterator state")
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    if "data_position" in stored:
+      items["data_position"] = ocp.args.JsonRestore()
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError) as e:
@@ -97,11 +96,19 @@ class Checkpointer:
           f"checkpoint {self.directory}/{step} cannot be restored into this run (changed "
           f"model, optimizer or data config?): {e}") from e
     counters = restored["counters"]
-    return TrainState(
+    position = None
+    if "data_position" in items:
+      position = int(restored["data_position"]["position"])
+    elif "data" in stored:
+      logging.warning("checkpoint %s/%d holds a per-host grain iterator state (an older layout) "
+                      "instead of a data position: the data order continues from the position "
+                      "step x batch_size", self.directory, step)
+    state = TrainState(
         step=counters["step"], params=restored["params"], opt_state=restored["opt_state"],
         ema_params=restored.get("ema_params") if abstract_state.ema_params is not None else None,
         loss_ema=counters["loss_ema"], skipped=counters["skipped"],
         bad_streak=counters["bad_streak"])
+    return state, position
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -4,8 +4,9 @@
       -> abstract state (eval_shape) -> shardings -> jit(init, out_shardings) or Orbax restore
       -> AOT-compiled step (explicit shardings, donated state) -> loop: metrics, evals,
          async checkpoints, preemption
-Per-step RNG is fold_in(seed, step) and the data order comes from the checkpointed grain
-iterator, so a resumed run continues exactly as an uninterrupted one (bitwise on CPU).
+Per-step RNG is fold_in(seed, step) and the data order is one global sequence whose position
+(records consumed) is checkpointed, so a resumed run continues exactly as an uninterrupted one
+(bitwise on CPU), also on a different number of processes or devices.
 Skipped steps (non-finite loss or gradients, or a loss spike) leave params, optimizer state
 and EMA untouched but still advance the step and consume their batch.
 """
@@ -134,13 +135,16 @@ class Trainer:
       self._tokenizer = pipeline.load_tokenizer(self.config.data)
     return self._tokenizer
 
-  def make_loader(self, *, split: str | None = None, source=None, shuffle=None, num_epochs=None):
+  def make_loader(self, *, split: str | None = None, source=None, shuffle=None, num_epochs=None,
+                  start: int = 0):
+    """This host's loader; `start` is the global data position (records consumed)."""
     if source is None:
       source = self.task.data_source(split or self.config.data.split)
     return pipeline.make_loader(
         self.config.data, global_batch_size=self.config.batch_size, seed=self.config.seed,
         split=split, source=source, tokenizer=self._tokenizer_or_load(), shuffle=shuffle,
-        num_epochs=num_epochs, text=self.task.uses_text, features=self.task.record_features)
+        num_epochs=num_epochs, start=start, text=self.task.uses_text,
+        features=self.task.record_features)
 
   def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     """This host's numpy share -> global arrays sharded over the batch axes."""
@@ -324,14 +328,19 @@ class Trainer:
 
   # -- the loop ---------------------------------------------------------------------------
 
-  def initial_state(self, data_iter) -> TrainState:
+  def initial_state(self) -> TrainState:
+    """A fresh state, or the latest checkpoint's on this mesh; sets `data_position` (the
+    global records consumed; None when a checkpoint has none)."""
     latest = self.checkpointer.latest_step()
     if latest is None:
+      self.data_position = 0
       with self._sharding_context():
         state = self._init(jax.random.key(self.config.seed))
       return self._with_initial_values(state)
     logging.info("resuming from %s step %d", self.checkpointer.directory, latest)
-    return self.checkpointer.restore(latest, self.abstract_state, self.state_shardings, data_iter)
+    state, self.data_position = self.checkpointer.restore(latest, self.abstract_state,
+                                                          self.state_shardings)
+    return state
 
   def _with_initial_values(self, state: TrainState) -> TrainState:
     """Replaces the task's pretrained subtrees (Task.initial_values) in a fresh state."""
@@ -357,8 +366,8 @@ class Trainer:
         ema = put(ema, key)
     return state.replace(params=params, ema_params=ema)
 
-  def _save(self, state, data_iter) -> None:
-    self.checkpointer.save(state, data_iter, config_lib.to_json_dict(self.config))
+  def _save(self, state, data_position: int | None) -> None:
+    self.checkpointer.save(state, data_position, config_lib.to_json_dict(self.config))
 
   def train(self, batches: Iterator[Mapping[str, np.ndarray]] | None = None) -> TrainState:
     """Trains to config.train.num_steps, resuming from the workdir's latest checkpoint.
@@ -368,11 +377,8 @@ class Trainer:
     """
     cfg = self.config
     if batches is None:
-      loader = self.make_loader(source=self._source)
-      first_local = next(iter(loader))
-      # The peeked batch is re-read after (re)positioning the iterator, which keeps the
-      # data order identical whether or not the run resumed.
-      data_iter = iter(loader)
+      # Peeked for the shapes; the loader is made again at the run's data position.
+      first_local = next(iter(self.make_loader(source=self._source)))
     else:
       data_iter = iter(batches)
       first_local = next(data_iter)
@@ -388,12 +394,17 @@ class Trainer:
         pipeline.save_run_tokenizer(self._tokenizer_or_load(), self.workdir)
     self.build(_abstract_batch(first_local, cfg.batch_size, self.batch_sharding,
                                self.task.batch_keys))
-    checkpointed_iter = data_iter if batches is None else None
-    state = self.initial_state(checkpointed_iter)
+    state = self.initial_state()
     step = int(partitioning.fetch_replicated(state.step))
     if step >= cfg.train.num_steps:
       logging.info("already trained to step %d (num_steps %d)", step, cfg.train.num_steps)
       return state
+    position = None
+    if batches is None:
+      position = self.data_position
+      if position is None:
+        position = step * cfg.batch_size
+      data_iter = iter(self.make_loader(source=self._source, start=position))
     watcher = _PreemptionWatcher()
     pending: list[dict[str, jax.Array]] = []
     previous_metrics = None
@@ -406,6 +417,8 @@ class Trainer:
           jax.profiler.start_trace(str(self.workdir / "profile"))
           profiling = True
         batch = self.global_batch(next(data_iter))
+        if position is not None:
+          position += cfg.batch_size
         state, metrics = self.train_step(state, batch)
         step += 1
         pending.append(metrics)
@@ -423,18 +436,18 @@ class Trainer:
         if cfg.train.eval_every and step % cfg.train.eval_every == 0:
           self.evaluate(state, step)
         if watcher.reached(step):
-          self._save(state, checkpointed_iter)
+          self._save(state, position)
           self.checkpointer.wait()
           logging.warning("preempted: checkpoint for step %d written; exiting", step)
           return state
         if self.checkpointer.due(step):
-          self._save(state, checkpointed_iter)
+          self._save(state, position)
       self._check_divergence(previous_metrics)
       jax.block_until_ready(state)
       self.loop_timing = {"steps": step - first_step,
                           "seconds": time.perf_counter() - loop_start}
       if self.checkpointer.latest_step() != step:
-        self._save(state, checkpointed_iter)
+        self._save(state, position)
       if not cfg.train.eval_every or step % cfg.train.eval_every:
         self.evaluate(state, step)
       return state
