@@ -8,14 +8,16 @@ Variants (`:NAME`):
   reference  shapes_v1/64, the recipe for a good first stage (PatchGAN after 1000 steps).
   vq         the reference with a VQ (VQ-GAN) bottleneck instead of KL.
 Override any field: --config.model.kind=vq --config.batch_size=64
+Parallelism presets (`:NAME,PRESET`, e.g. `:demo,fsdp`): dp (replicated weights), fsdp
+(weights and Adam state sharded over all devices), fsdp_tp (tensor-parallel width 2).
 """
 
 from jaxt2i.tasks.autoencoder import AutoencoderTask
-from jaxt2i.training.config import trainer_defaults
+from jaxt2i.training.config import apply_parallelism, split_config_arg, trainer_defaults
 
 
 def get_config(arg: str | None = None):
-  variant = arg or "reference"
+  variant, parallelism = split_config_arg(arg, "reference")
   config = trainer_defaults()
   config.task = "autoencoder"
   config.model = AutoencoderTask.default_model_config()
@@ -70,6 +72,6 @@ def get_config(arg: str | None = None):
     config.optim.warmup_steps = 1
     config.checkpoint.every_steps = 100
   else:
-    raise ValueError(f"unknown variant {arg!r} for configs/autoencoder_shapes.py; use tiny, "
+    raise ValueError(f"unknown variant {variant!r} for autoencoder_shapes.py; use tiny, "
                      "demo, reference or vq")
-  return config
+  return apply_parallelism(config, parallelism, tensor=2)

@@ -8,14 +8,16 @@ Variants (`:NAME`):
   demo       shapes_v1/64, 5-10 minutes on a 2-core CPU.
   reference  shapes_v1/64, the recipe for a good scorer.
 Override any field: --config.batch_size=256 --config.model.embed_dim=256
+Parallelism presets (`:NAME,PRESET`, e.g. `:demo,fsdp`): dp (replicated weights), fsdp
+(weights and Adam state sharded over all devices), fsdp_tp (tensor-parallel width 2).
 """
 
 from jaxt2i.tasks.clip import CLIPTask
-from jaxt2i.training.config import trainer_defaults
+from jaxt2i.training.config import apply_parallelism, split_config_arg, trainer_defaults
 
 
 def get_config(arg: str | None = None):
-  variant = arg or "reference"
+  variant, parallelism = split_config_arg(arg, "reference")
   config = trainer_defaults()
   config.task = "clip"
   config.model = CLIPTask.default_model_config()
@@ -74,6 +76,6 @@ def get_config(arg: str | None = None):
     config.optim.warmup_steps = 1         # linear warm-up from 0
     config.checkpoint.every_steps = 100   # save at the end only
   else:
-    raise ValueError(f"unknown variant {arg!r} for configs/clip_shapes.py; use tiny, demo or "
+    raise ValueError(f"unknown variant {variant!r} for clip_shapes.py; use tiny, demo or "
                      "reference")
-  return config
+  return apply_parallelism(config, parallelism, tensor=2)

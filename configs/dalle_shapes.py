@@ -11,14 +11,16 @@ Variants (`:NAME`):
   demo       shapes_v1/64, short (minutes on a 2-core CPU).
   reference  shapes_v1/64, the recipe for a good model.
 Override any field: --config.model.depth=12 --config.model.attention_patterns='("dense",)*8'
+Parallelism presets (`:NAME,PRESET`, e.g. `:demo,fsdp`): dp (replicated weights), fsdp
+(weights and Adam state sharded over all devices), fsdp_tp (tensor-parallel width 2).
 """
 
 from jaxt2i.tasks.dalle import DalleTask
-from jaxt2i.training.config import trainer_defaults
+from jaxt2i.training.config import apply_parallelism, split_config_arg, trainer_defaults
 
 
 def get_config(arg: str | None = None):
-  variant = arg or "reference"
+  variant, parallelism = split_config_arg(arg, "reference")
   config = trainer_defaults()
   config.task = "dalle"
   config.model = DalleTask.default_model_config()
@@ -70,6 +72,6 @@ def get_config(arg: str | None = None):
     config.optim.warmup_steps = 1         # linear lr warm-up
     config.checkpoint.every_steps = 100   # only the final checkpoint
   else:
-    raise ValueError(f"unknown variant {arg!r} for configs/dalle_shapes.py; use tiny, demo or "
+    raise ValueError(f"unknown variant {variant!r} for dalle_shapes.py; use tiny, demo or "
                      "reference")
-  return config
+  return apply_parallelism(config, parallelism, tensor=2)

@@ -7,15 +7,17 @@ Variants (`:NAME`):
   demo       shapes_v1/64, short (~8 minutes on a 2-core CPU): a first stage for DALL-E demos.
   reference  shapes_v1/64, the recipe for good hard-token reconstructions (~27 dB).
 Override any field: --config.model.vocab_size=1024 --config.batch_size=64
+Parallelism presets (`:NAME,PRESET`, e.g. `:demo,fsdp`): dp (replicated weights), fsdp
+(weights and Adam state sharded over all devices), fsdp_tp (tensor-parallel width 2).
 The run directory is what the DALL-E task's `model.dvae_workdir` points at.
 """
 
 from jaxt2i.tasks.dvae import DiscreteVAETask
-from jaxt2i.training.config import trainer_defaults
+from jaxt2i.training.config import apply_parallelism, split_config_arg, trainer_defaults
 
 
 def get_config(arg: str | None = None):
-  variant = arg or "reference"
+  variant, parallelism = split_config_arg(arg, "reference")
   config = trainer_defaults()
   config.task = "dvae"
   config.model = DiscreteVAETask.default_model_config()
@@ -75,6 +77,6 @@ def get_config(arg: str | None = None):
     config.optim.warmup_steps = 1         # linear lr warm-up
     config.checkpoint.every_steps = 100   # only the final checkpoint
   else:
-    raise ValueError(f"unknown variant {arg!r} for configs/dvae_shapes.py; use tiny, demo or "
+    raise ValueError(f"unknown variant {variant!r} for dvae_shapes.py; use tiny, demo or "
                      "reference")
-  return config
+  return apply_parallelism(config, parallelism, tensor=2)

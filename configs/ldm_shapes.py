@@ -9,14 +9,16 @@ Variants (`:NAME`):
   demo       shapes_v1/64, short (the `make demo` second stage).
   reference  shapes_v1/64, the recipe for a good model.
 Override any field: --config.model.prediction_type=v_prediction --config.model.sampler=dpmpp_2m
+Parallelism presets (`:NAME,PRESET`, e.g. `:demo,fsdp`): dp (replicated weights), fsdp
+(weights and Adam state sharded over all devices), fsdp_tp (tensor-parallel width 2).
 """
 
 from jaxt2i.tasks.ldm import LatentDiffusionTask
-from jaxt2i.training.config import trainer_defaults
+from jaxt2i.training.config import apply_parallelism, split_config_arg, trainer_defaults
 
 
 def get_config(arg: str | None = None):
-  variant = arg or "reference"
+  variant, parallelism = split_config_arg(arg, "reference")
   config = trainer_defaults()
   config.task = "latent_diffusion"
   config.model = LatentDiffusionTask.default_model_config()
@@ -85,6 +87,6 @@ def get_config(arg: str | None = None):
     config.optim.warmup_steps = 1
     config.checkpoint.every_steps = 100
   else:
-    raise ValueError(f"unknown variant {arg!r} for configs/ldm_shapes.py; use tiny, demo or "
+    raise ValueError(f"unknown variant {variant!r} for ldm_shapes.py; use tiny, demo or "
                      "reference")
-  return config
+  return apply_parallelism(config, parallelism, tensor=2)

@@ -17,6 +17,40 @@ class ConfigError(ValueError):
   """A config field with an invalid value or an unknown name."""
 
 
+# Parallelism presets, `configs/<recipe>.py:VARIANT,PRESET` (e.g. `:demo,fsdp`): the mesh
+# shape over all devices and the logical_axis_rules table (jaxt2i/parallel/partitioning.py).
+PARALLELISM: dict[str, tuple[dict[str, int], str]] = {
+    "dp": ({"data": -1, "fsdp": 1, "tensor": 1}, "dp"),        # weights replicated
+    "fsdp": ({"data": 1, "fsdp": -1, "tensor": 1}, "fsdp"),    # weights + Adam state sharded
+    # FSDP over the devices left by a tensor-parallel width the recipe picks (heads / widths
+    # of its model divisible by it).
+    "fsdp_tp": ({"data": 1, "fsdp": -1, "tensor": 0}, "fsdp_tp"),
+}
+
+
+def split_config_arg(arg: str | None, default: str) -> tuple[str, str | None]:
+  """`VARIANT[,PRESET]` of a recipe's `get_config(arg)` -> (variant, preset or None)."""
+  variant, _, preset = (arg or default).partition(",")
+  variant = variant or default
+  if preset and preset not in PARALLELISM:
+    raise ConfigError(f"parallelism preset {preset!r} (in config argument {arg!r}) is unknown; "
+                      f"use one of {sorted(PARALLELISM)}")
+  return variant, preset or None
+
+
+def apply_parallelism(config: ml_collections.ConfigDict, preset: str | None, *,
+                      tensor: int = 2) -> ml_collections.ConfigDict:
+  """Sets config.mesh and config.sharding.strategy for `preset` (None: unchanged);
+  `tensor` is the recipe's tensor-parallel width for fsdp_tp."""
+  if preset is None:
+    return config
+  mesh, strategy = PARALLELISM[preset]
+  for axis, size in mesh.items():
+    config.mesh[axis] = size or tensor
+  config.sharding.strategy = strategy
+  return config
+
+
 def trainer_defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = ""                      # registered task name (see jaxt2i.tasks.TASKS)
