@@ -11,6 +11,8 @@
   jaxt2i sample --workdir DIR --prompt "..." [--prompt ...] [--out grid.png]
   jaxt2i convert dall-e-dvae --encoder encoder.pkl --decoder decoder.pkl --out DIR
   jaxt2i convert to-diffusers WORKDIR OUT [--lora_only]
+  jaxt2i bench --config configs/NAME.py[:VARIANT] [--config.FIELD=VALUE ...] [--steps N]
+      [--peak_tflops X] [--profile DIR] [--out FILE] [--record]
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ commands:
                jaxt2i convert dall-e-dvae --encoder encoder.pkl --decoder decoder.pkl --out DIR
              a latent-diffusion run -> a diffusers Stable Diffusion folder:
                jaxt2i convert to-diffusers WORKDIR OUT
+  bench      time one training step of any recipe: compile time, analytic and XLA FLOPs,
+             memory per device, step time, examples/s, MFU (JSON; --record adds a row to
+             benchmarks/RESULTS.md):
+               jaxt2i bench --config configs/baseline_shapes.py:tiny --steps 10
 
 `jaxt2i COMMAND --help` explains each command's options.
 """
@@ -344,8 +350,118 @@ def _convert(argv: list[str]) -> None:
   print(json.dumps(summary, indent=2))
 
 
+BENCH_HELP = """usage: jaxt2i bench --config configs/NAME.py[:VARIANT] [--config.FIELD=VALUE ...]
+                    [options]
+
+Builds the recipe's Trainer, compiles its training step ahead of time and times it on the
+initialised state: compile seconds, analytic FLOPs (3 x the forward loss's matmul and
+convolution FLOPs, counted on its jaxpr) beside XLA's cost analysis, memory per device,
+median / min step time, examples/s and model FLOP utilisation (MFU). Writes a JSON.
+
+  --config FILE[:VARIANT]   recipe, e.g. configs/baseline_shapes.py:tiny; --config.FIELD=VALUE
+                            overrides a field as for `jaxt2i train`
+  --steps N                 timed steps (default 10), after --warmup N (default 2)
+  --data auto|loader|synthetic
+                            the batch: the config's data loader, or random values of the
+                            loader's shapes; auto (default) uses the loader when the data set
+                            exists. The same device-resident batch feeds every step.
+  --peak_tflops X           peak TFLOP/s of one device for MFU (e.g. 989 for an H100's dense
+                            bf16); default: the measured matmul ceiling of this machine
+  --profile DIR             also trace --profile_steps (default 3) steps into DIR with
+                            jax.profiler (TensorBoard / Perfetto)
+  --devices N               use the first N devices (default: all)
+  --workdir DIR             the Trainer's directory (default: a temporary one); a run with
+                            checkpoints there is restored and benchmarked as it is
+  --out FILE                the JSON (default: WORKDIR/bench.json with --workdir, else
+                            benchmarks/results/bench_<recipe>_<variant>.json)
+  --record                  append a row to the `bench` table of benchmarks/RESULTS.md
+                            (--results_md FILE for another file)
+  --verbose                 library INFO logs too
+"""
+
+
+def _config_field_error(e: Exception, argv: list[str]) -> str:
+  """ml_collections' KeyError / AttributeError for an unknown --config.FIELD, readable."""
+  text = str(e.args[0] if e.args else e).replace("\\n", "\n")
+  names = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)
+  field = names[0] if names else text
+  hint = re.search(r"Did you mean \S+", text)
+  overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+  bad = [o for o in overrides if o.split(".")[-1] == field] or overrides
+  return (f"unknown config field {field!r} (from {', '.join(bad)})"
+          f"{'; ' + hint.group(0).replace(chr(34), '') + '?' if hint else ''}")
+
+
+def _bench(argv: list[str]) -> None:
+  if not argv or any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):
+    print(BENCH_HELP)
+    return
+  import shlex
+
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()  # not absl's global FLAGS: `bench` can run beside other commands
+  config_flags.DEFINE_config_file("config", None, "recipe", flag_values=fv, lock_config=True,
+                                  sys_argv=["jaxt2i bench"] + argv)
+  flags.DEFINE_integer("steps", 10, "timed steps", flag_values=fv)
+  flags.DEFINE_integer("warmup", 2, "untimed steps first", flag_values=fv)
+  flags.DEFINE_enum("data", "auto", ["auto", "loader", "synthetic"], "batch source",
+                    flag_values=fv)
+  flags.DEFINE_float("peak_tflops", 0.0, "peak TFLOP/s per device; 0: measure", flag_values=fv)
+  flags.DEFINE_string("profile", "", "jax.profiler trace directory", flag_values=fv)
+  flags.DEFINE_integer("profile_steps", 3, "steps traced", flag_values=fv)
+  flags.DEFINE_integer("devices", 0, "first N devices; 0: all", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "Trainer directory", flag_values=fv)
+  flags.DEFINE_string("out", None, "JSON file", flag_values=fv)
+  flags.DEFINE_bool("record", False, "append a row to RESULTS.md", flag_values=fv)
+  flags.DEFINE_string("results_md", None, "the RESULTS.md for --record", flag_values=fv)
+  flags.DEFINE_bool("verbose", False, "library INFO logs", flag_values=fv)
+  # Before parsing: loading the recipe imports modules that may log (and so set up logging).
+  _quiet_logs("--verbose" in argv)
+  try:
+    rest = fv(["jaxt2i bench"] + argv)
+    if fv.config is not None:
+      fv.config.keys()  # a recipe that failed to load raises here
+  except (AttributeError, KeyError) as e:
+    sys.exit(f"jaxt2i bench: {_config_field_error(e, argv)}")
+  except OSError as e:  # the recipe file
+    reason = re.search(r"\[Errno \d+\] (.*)", str(e))
+    sys.exit(f"jaxt2i bench: cannot load the --config recipe: "
+             f"{reason.group(1) if reason else str(e).splitlines()[-1]}")
+  except flags.Error as e:
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    # A failing get_config() comes with its traceback: its last line says what failed.
+    sys.exit(f"jaxt2i bench: {lines[-1] if 'Traceback' in str(e) else str(e)}")
+  if len(rest) > 1:
+    sys.exit(f"jaxt2i bench: unexpected arguments {rest[1:]}")
+  if fv.config is None:
+    sys.exit("jaxt2i bench: --config is required, e.g. --config configs/baseline_shapes.py:tiny")
+
+  from jaxt2i import bench
+  from jaxt2i.training import config as config_lib
+  config_arg = config_flags.get_config_filename(fv["config"])  # as given: PATH[:VARIANT]
+  options = bench.BenchOptions(
+      steps=fv.steps, warmup=fv.warmup, data=fv.data, peak_tflops=fv.peak_tflops,
+      profile_dir=fv.profile, profile_steps=fv.profile_steps, num_devices=fv.devices)
+  try:
+    result = bench.run(fv.config, fv.workdir, options)
+  except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
+    sys.exit(f"jaxt2i bench: {e}")
+  result = {"config": config_arg,
+            "overrides": [a for a in argv if a.startswith("--config.")],
+            "command": " ".join(["jaxt2i", "bench"] + [shlex.quote(a) for a in argv]),
+            **result, "config_values": config_lib.to_json_dict(fv.config)}
+  out = bench.write_json(result, fv.out or bench.default_out(config_arg, fv.workdir))
+  written = [("json", str(out))]
+  if fv.record:
+    results_md = fv.results_md or bench.RESULTS_MD
+    bench.record(result, results_md)
+    written.append(("recorded in", str(results_md)))
+  print(f"\njaxt2i bench\n{bench.summary(result, written)}")
+
+
 COMMANDS = {"train": _train, "data": _data, "eval": _eval, "sample": _sample,
-            "convert": _convert}
+            "convert": _convert, "bench": _bench}
 
 
 def run(argv: list[str] | None = None) -> None:
