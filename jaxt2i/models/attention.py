@@ -98,7 +98,7 @@ def _largest_divisor(n: int, limit: int) -> int:
   return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
 
 
-def _plan(pairs: int, lq: int, lk: int) -> tuple[int, int]:
+def block_plan(pairs: int, lq: int, lk: int) -> tuple[int, int]:
   """(pairs, queries) per step, so that a step's [Lq, Lk] logits fit EINSUM_CHUNK_BYTES."""
   pair_bytes = lq * lk * 4
   if pair_bytes <= EINSUM_CHUNK_BYTES:
@@ -164,7 +164,7 @@ def _backward_step(q, k, v, mask, out, stats, dout, precision):
 def _chunked_forward(q, k, v, mask, precision):
   """Attention over [P, L, D] pairs (+ softmax statistics), a cache-sized step at a time."""
   pairs, lq, dim = q.shape
-  group, block = _plan(pairs, lq, k.shape[1])
+  group, block = block_plan(pairs, lq, k.shape[1])
   if block == lq:
     return _map_pairs(lambda a: _forward_step(*a, precision), group, (q, k, v, mask))
 
@@ -190,7 +190,7 @@ def _flash_backward(precision, residuals, dout):
   q, k, v, mask, out, stats = residuals
   pairs, lq, dim = q.shape
   lk = k.shape[1]
-  group, block = _plan(pairs, lq, lk)
+  group, block = block_plan(pairs, lq, lk)
   if block == lq:
     dq, dk_t, dv_t = _map_pairs(lambda a: _backward_step(*a, precision), group,
                                 (q, k, v, mask, out, stats, dout))
@@ -576,7 +576,7 @@ def _rows_flash(q, kt, vt, k, v, local, precision):
 
 def _rows_group(q, kt, local):
   pairs, groups, width, _ = q.shape
-  return _plan(pairs, groups * width, kt.shape[1] + (local[0] + 1) * width)[0]
+  return block_plan(pairs, groups * width, kt.shape[1] + (local[0] + 1) * width)[0]
 
 
 def _rows_flash_forward(q, kt, vt, k, v, local, precision):
