@@ -71,6 +71,22 @@ def tiny_config(**overrides):
   return override(c, **overrides)
 
 
+def recipe_config(recipe: str, **overrides):
+  """A model recipe's config at test size: `recipe` is "clip_shapes:tiny,fsdp" (module in
+  configs/ : its get_config argument), trained a few steps on records() with batch 16."""
+  sys.path.insert(0, str(REPO))
+  import importlib
+  name, _, arg = recipe.partition(":")
+  c = importlib.import_module(f"configs.{name}").get_config(arg or "tiny")
+  c.batch_size = 16
+  c.train.num_steps = 2
+  c.train.log_every = 1
+  c.train.eval_every = 0
+  c.checkpoint.every_steps = 1000
+  c.data.worker_count = 0
+  return override(c, **overrides)
+
+
 def train_run(config, workdir, **kwargs):
   """Trains `config` into `workdir` on one device (model-family tests: they compile much
   faster unpartitioned; the trainer's multi-device paths are tested in test_trainer.py);

@@ -136,3 +136,39 @@ def test_resume_on_other_topologies_continues_the_same_run(tmp_path):
     _, b = read_item(tmp_path / "straight", item, 6)
     for key, value in flat(a).items():
       np.testing.assert_allclose(value, flat(b)[key], atol=1e-5, err_msg=f"{item} {key}")
+
+
+@pytest.mark.parametrize("recipe", [
+    "clip_shapes",
+    pytest.param("dvae_shapes", marks=pytest.mark.slow),
+    pytest.param("autoencoder_shapes", marks=pytest.mark.slow),
+])
+def test_family_preset_on_two_processes_matches_one_device(tmp_path, recipe):
+  """A model recipe's fsdp_tp preset over 2 processes x 2 devices (FSDP 2 x tensor 2 across
+  the hosts) trains as one device does."""
+  import jax
+  from helpers import recipe_config, records
+  from jaxt2i.data.tokenizer import Tokenizer
+  from jaxt2i.training.trainer import Trainer
+
+  tok_path = str(tokenizer_path(tmp_path))
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  codes = wait_all(launch(tmp_path / "pod", 2, tok_path, logs,
+                          ("--recipe", f"{recipe}:tiny,fsdp_tp", "--every", "2")), logs)
+  assert codes == [0, 0], (logs / "log0.txt").read_text()[-3000:]
+  config = recipe_config(f"{recipe}:tiny", **{"data.tokenizer": tok_path})
+  trainer = Trainer(config, tmp_path / "single", source=records(size=config.data.image_size),
+                    tokenizer=Tokenizer.load(tok_path), devices=jax.devices()[:1])
+  trainer.train()
+  pod, single = _losses(tmp_path / "pod"), _losses(tmp_path / "single")
+  assert sorted(pod) == sorted(single) == [1, 2]
+  np.testing.assert_allclose([pod[1], pod[2]], [single[1], single[2]], rtol=1e-5)
+  _, a = read_item(tmp_path / "pod", "params", 2)
+  _, b = read_item(tmp_path / "single", "params", 2)
+  for key, value in flat(a).items():
+    # Adam turns gradients that are zero in exact arithmetic (attention's key bias: softmax
+    # ignores it) and only rounding noise in float32 into steps of up to the learning rate.
+    noise_only = "['to_k']['bias']" in key
+    np.testing.assert_allclose(value, flat(b)[key], err_msg=key,
+                               atol=2 * config.optim.learning_rate if noise_only else 1e-5)

@@ -2,7 +2,10 @@
 
   python train_worker.py WORKDIR NUM_STEPS TOKENIZER [--delay S] [--every N] [--mesh d,f,t]
       [--strategy dp] [--coordinator host:port --num_processes P --process_id I]
-      [--heartbeat S] [--report FILE]
+      [--heartbeat S] [--report FILE] [--recipe clip_shapes:tiny,fsdp]
+
+--recipe trains a model recipe (tests/helpers.recipe_config) instead of the baseline; its
+preset decides the mesh, so --mesh and --strategy are ignored.
 """
 
 import argparse
@@ -10,7 +13,7 @@ import json
 import logging
 import sys
 
-from helpers import SlowSource, records, tiny_config
+from helpers import SlowSource, recipe_config, records, tiny_config
 
 
 def main():
@@ -27,6 +30,7 @@ def main():
   p.add_argument("--process_id", type=int, default=0)
   p.add_argument("--heartbeat", type=int, default=5)
   p.add_argument("--report", default="")
+  p.add_argument("--recipe", default="")
   a = p.parse_args()
   logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
@@ -42,11 +46,16 @@ def main():
   from jaxt2i.data.tokenizer import Tokenizer
   from jaxt2i.training.trainer import Trainer
 
-  data, fsdp, tensor = (int(x) for x in a.mesh.split(","))
-  config = tiny_config(**{"train.num_steps": a.num_steps, "checkpoint.every_steps": a.every,
-                          "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
-                          "sharding.strategy": a.strategy})
-  source = SlowSource(records(), a.delay)
+  if a.recipe:
+    config = recipe_config(a.recipe, **{"train.num_steps": a.num_steps,
+                                        "checkpoint.every_steps": a.every})
+    source = SlowSource(records(size=config.data.image_size), a.delay)
+  else:
+    data, fsdp, tensor = (int(x) for x in a.mesh.split(","))
+    config = tiny_config(**{"train.num_steps": a.num_steps, "checkpoint.every_steps": a.every,
+                            "mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor,
+                            "sharding.strategy": a.strategy})
+    source = SlowSource(records(), a.delay)
   trainer = Trainer(config, a.workdir, source=source, tokenizer=Tokenizer.load(a.tokenizer))
   state = trainer.train()
   print(f"FINAL_STEP {int(jax.device_get(state.step))}", flush=True)
