@@ -105,14 +105,7 @@ def _train(argv: list[str]) -> None:
     app.run(main, argv=["jaxt2i train"] + argv)
   except (AttributeError, KeyError) as e:
     # ml_collections rejects --config.FIELD overrides of fields the recipe does not have.
-    text = str(e.args[0] if e.args else e).replace("\\n", "\n")
-    names = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)
-    field = names[0] if names else text
-    hint = re.search(r"Did you mean \S+", text)
-    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-    bad = [o for o in overrides if o.split(".")[-1] == field] or overrides
-    sys.exit(f"jaxt2i train: unknown config field {field!r} (from {', '.join(bad)})"
-             f"{'; ' + hint.group(0).replace(chr(34), '') + '?' if hint else ''}")
+    sys.exit(f"jaxt2i train: {_config_field_error(e, argv)}")
 
 
 def _data(argv: list[str]) -> None:

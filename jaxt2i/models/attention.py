@@ -226,6 +226,16 @@ def _einsum_attention(q, k, v, mask, precision):
   return jnp.transpose(out.reshape(batch, heads, lq, dim), (0, 2, 1, 3))
 
 
+def check_qkv(q, k, v, name: str) -> None:
+  """Clear errors for q, k, v that are not [B, Lq, H, D], [B, Lk, H, D], [B, Lk, H, D]."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"{name} expects q, k, v of rank 4 [B, L, H, D], got shapes "
+                     f"{q.shape}, {k.shape}, {v.shape}")
+  if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    raise ValueError(f"{name} shapes disagree: q {q.shape}, k {k.shape}, v {v.shape} "
+                     "(expected [B, Lq, H, D], [B, Lk, H, D], [B, Lk, H, D])")
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           mask: jax.Array | None = None, implementation: str = "auto",
                           precision: Any = None) -> jax.Array:
@@ -245,12 +255,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   Returns:
     [B, Lq, H, D] in q's dtype. The softmax runs in float32.
   """
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"attention expects q, k, v of rank 4 [B, L, H, D], got shapes "
-                     f"{q.shape}, {k.shape}, {v.shape}")
-  if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-    raise ValueError(f"attention shapes disagree: q {q.shape}, k {k.shape}, v {v.shape} "
-                     "(expected [B, Lq, H, D], [B, Lk, H, D], [B, Lk, H, D])")
+  check_qkv(q, k, v, "attention")
   if mask is not None:
     mask = jnp.asarray(mask, dtype=bool)
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)

@@ -53,6 +53,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 # The einsum backend's step plan: (pairs, queries) per step whose logits fit in cache.
 from jaxt2i.models.attention import block_plan as attention_plan
+from jaxt2i.models.attention import check_qkv
 
 _NEG = float(jnp.finfo(jnp.float32).min)  # masked logits: finite, so no inf - inf = nan
 
@@ -116,12 +117,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh, axis
   if len(set(names)) != len(names):
     raise ValueError(f"ring_attention: axis {axis!r}, batch_axes {batch_names} and head_axes "
                      f"{head_names} must not share a mesh axis")
-  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"ring_attention expects q, k, v of rank 4 [B, L, H, D], got shapes "
-                     f"{q.shape}, {k.shape}, {v.shape}")
-  if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-    raise ValueError(f"ring_attention shapes disagree: q {q.shape}, k {k.shape}, v {v.shape} "
-                     "(expected [B, Lq, H, D], [B, Lk, H, D], [B, Lk, H, D])")
+  check_qkv(q, k, v, "ring_attention")
   batch, lq, heads, _ = q.shape
   lk = k.shape[1]
   n = mesh.shape[axis]
