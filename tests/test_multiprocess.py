@@ -138,14 +138,9 @@ def test_resume_on_other_topologies_continues_the_same_run(tmp_path):
       np.testing.assert_allclose(value, flat(b)[key], atol=1e-5, err_msg=f"{item} {key}")
 
 
-@pytest.mark.parametrize("recipe", [
-    "clip_shapes",
-    pytest.param("dvae_shapes", marks=pytest.mark.slow),
-    pytest.param("autoencoder_shapes", marks=pytest.mark.slow),
-])
-def test_family_preset_on_two_processes_matches_one_device(tmp_path, recipe):
-  """A model recipe's fsdp_tp preset over 2 processes x 2 devices (FSDP 2 x tensor 2 across
-  the hosts) trains as one device does."""
+def _pod_matches_single_device(tmp_path, recipe, timeout=180, **fields):
+  """The recipe's fsdp_tp preset over 2 processes x 2 devices (FSDP 2 across the hosts,
+  tensor 2 within each) against one device, 2 steps: same losses and weights."""
   import jax
   from helpers import recipe_config, records
   from jaxt2i.data.tokenizer import Tokenizer
@@ -154,10 +149,12 @@ def test_family_preset_on_two_processes_matches_one_device(tmp_path, recipe):
   tok_path = str(tokenizer_path(tmp_path))
   logs = tmp_path / "logs"
   logs.mkdir()
+  sets = [arg for key, value in fields.items() for arg in ("--set", f"{key}={value}")]
   codes = wait_all(launch(tmp_path / "pod", 2, tok_path, logs,
-                          ("--recipe", f"{recipe}:tiny,fsdp_tp", "--every", "2")), logs)
+                          ("--recipe", f"{recipe}:tiny,fsdp_tp", "--every", "2", *sets)), logs,
+                   timeout=timeout)
   assert codes == [0, 0], (logs / "log0.txt").read_text()[-3000:]
-  config = recipe_config(f"{recipe}:tiny", **{"data.tokenizer": tok_path})
+  config = recipe_config(f"{recipe}:tiny", **fields)
   trainer = Trainer(config, tmp_path / "single", source=records(size=config.data.image_size),
                     tokenizer=Tokenizer.load(tok_path), devices=jax.devices()[:1])
   trainer.train()
@@ -172,3 +169,26 @@ def test_family_preset_on_two_processes_matches_one_device(tmp_path, recipe):
     noise_only = "['to_k']['bias']" in key
     np.testing.assert_allclose(value, flat(b)[key], err_msg=key,
                                atol=2 * config.optim.learning_rate if noise_only else 1e-5)
+
+
+@pytest.mark.parametrize("recipe", [
+    "clip_shapes",
+    pytest.param("dvae_shapes", marks=pytest.mark.slow),
+    pytest.param("autoencoder_shapes", marks=pytest.mark.slow),
+])
+def test_family_preset_on_two_processes_matches_one_device(tmp_path, recipe):
+  _pod_matches_single_device(tmp_path, recipe)
+
+
+@pytest.mark.slow  # each trains its first stage first; the U-Net compiles for minutes here
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("recipe,first_stage,field", [
+    ("dalle_shapes", "dvae_shapes", "model.dvae_workdir"),
+    ("ldm_shapes", "autoencoder_shapes", "model.autoencoder_workdir"),
+])
+def test_two_stage_family_preset_on_two_processes(tmp_path, recipe, first_stage, field):
+  """The DALL-E transformer and the U-Net, with their first stage frozen."""
+  from helpers import recipe_config, records, train_run
+  stage = recipe_config(f"{first_stage}:tiny")
+  train_run(stage, tmp_path / "first", source=records(64, stage.data.image_size))
+  _pod_matches_single_device(tmp_path, recipe, timeout=900, **{field: str(tmp_path / "first")})

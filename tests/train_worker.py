@@ -2,7 +2,7 @@
 
   python train_worker.py WORKDIR NUM_STEPS TOKENIZER [--delay S] [--every N] [--mesh d,f,t]
       [--strategy dp] [--coordinator host:port --num_processes P --process_id I]
-      [--heartbeat S] [--report FILE] [--recipe clip_shapes:tiny,fsdp]
+      [--heartbeat S] [--report FILE] [--recipe clip_shapes:tiny,fsdp [--set FIELD=VALUE]]
 
 --recipe trains a model recipe (tests/helpers.recipe_config) instead of the baseline; its
 preset decides the mesh, so --mesh and --strategy are ignored.
@@ -31,6 +31,7 @@ def main():
   p.add_argument("--heartbeat", type=int, default=5)
   p.add_argument("--report", default="")
   p.add_argument("--recipe", default="")
+  p.add_argument("--set", action="append", default=[], help="FIELD=VALUE for --recipe")
   a = p.parse_args()
   logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
@@ -48,7 +49,8 @@ def main():
 
   if a.recipe:
     config = recipe_config(a.recipe, **{"train.num_steps": a.num_steps,
-                                        "checkpoint.every_steps": a.every})
+                                        "checkpoint.every_steps": a.every,
+                                        **dict(item.split("=", 1) for item in a.set)})
     source = SlowSource(records(size=config.data.image_size), a.delay)
   else:
     data, fsdp, tensor = (int(x) for x in a.mesh.split(","))

@@ -89,6 +89,19 @@ def _abstract_batch(local: Mapping[str, np.ndarray], global_size: int,
           for k, v in local.items() if k in keys}
 
 
+def _whole_batch(local: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The global batch, as numpy on every host, from each host's share (a collective: every
+  process calls it). Tasks measure derived fields on the first batch (e.g. the latent
+  scale), which must be the same on every host and the same as on one process."""
+  if jax.process_count() == 1:
+    return dict(local)
+  from jax.experimental import multihost_utils
+  numeric = {k: np.asarray(v) for k, v in local.items()
+             if np.asarray(v).dtype.kind in "biuf"}
+  gathered = multihost_utils.process_allgather(numeric, tiled=True)
+  return {k: np.asarray(v) for k, v in gathered.items()}
+
+
 class Trainer:
   """Builds everything from `config`; `train()` runs (or resumes) the loop.
 
@@ -384,7 +397,7 @@ class Trainer:
       first_local = next(data_iter)
       data_iter = itertools.chain([first_local], data_iter)
     self._restore_derived_fields()
-    self.task.prepare(first_local)
+    self.task.prepare(_whole_batch(first_local))
     if jax.process_index() == 0:
       # After `prepare`, which may fill derived fields (e.g. a latent scale).
       self.workdir.mkdir(parents=True, exist_ok=True)
