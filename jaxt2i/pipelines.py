@@ -69,6 +69,11 @@ class Pipeline:
       self.config, self.task, params = run
     self.tokenizer = data_pipeline.load_tokenizer(self.config.data, self.workdir)
     self.max_length = int(self.config.data.max_caption_length)
+    # SDXL's second tokenizer: its row follows the first one's in each prompt's tokens.
+    self.tokenizer_2 = None
+    if self.config.get("model") and self.config.model.get("tokenizer_2"):
+      from jaxt2i.data.tokenizer import CLIPTokenizer
+      self.tokenizer_2 = CLIPTokenizer.load(self.config.model.tokenizer_2)
     self.mesh = mesh_lib.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
     self._replicated = NamedSharding(self.mesh, PartitionSpec())
     self._batch = NamedSharding(self.mesh, PartitionSpec("data"))
@@ -95,6 +100,10 @@ class Pipeline:
       if length > self.max_length:
         warnings.warn(f"prompt truncated from {length} to {self.max_length} tokens: "
                       f"{prompt!r}", stacklevel=3)
+    if self.tokenizer_2 is not None:
+      tokens_2, mask_2 = self.tokenizer_2.encode(list(prompts), self.max_length)
+      tokens = np.concatenate([tokens, tokens_2], axis=1)
+      mask = np.concatenate([mask, mask_2], axis=1)
     if getattr(self.task, "tokenized_unconditional", False):
       return tokens.astype(np.int32), mask.astype(np.int32)
     empty = np.array([not p.strip() for p in prompts])
@@ -204,6 +213,9 @@ class Pipeline:
         raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
     tokens, mask = self._encode(repeated)
     neg_tokens, neg_mask = self._encode(negative)
+    if negative_prompt is None and self.config.model.get("force_zeros_for_empty_prompt"):
+      # SDXL: no negative prompt means a zero unconditional branch (an all-zero mask says so).
+      neg_mask = np.zeros_like(neg_mask)
     # Pad the batch to a multiple of the data-parallel width (extra rows are dropped).
     width = self.mesh.shape["data"]
     padded = -(-n // width) * width

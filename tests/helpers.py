@@ -224,3 +224,52 @@ def sd_folder(tmp_path):
       requires_safety_checker=False)
   pipe.save_pretrained(tmp_path / "sd")
   return tmp_path / "sd", pipe
+
+
+SDXL_UNET = dict(  # a tiny UNet2DConditionModel in SDXL's layout (see sdxl_folder)
+    block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=8,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+    transformer_layers_per_block=(1, 2), use_linear_projection=True, cross_attention_dim=64,
+    addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 16)
+
+
+def tiny_clip_text(tokenizer, projection_dim=None, seed=0):
+  """A random-init transformers CLIPTextModel (or CLIPTextModelWithProjection with
+  `projection_dim`), 32 wide, 3 layers, for `tokenizer`."""
+  import torch
+  import transformers
+  torch.manual_seed(seed)
+  config = transformers.CLIPTextConfig(
+      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+      num_attention_heads=4, max_position_embeddings=12, hidden_act="gelu",
+      eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+      pad_token_id=tokenizer.pad_token_id, projection_dim=projection_dim or 512)
+  if projection_dim:
+    return transformers.CLIPTextModelWithProjection(config).eval()
+  return transformers.CLIPTextModel(config).eval()
+
+
+def sdxl_folder(tmp_path, force_zeros_for_empty_prompt=True):
+  """A tiny random-init Stable Diffusion XL-layout pipeline saved the diffusers way (two
+  CLIP text encoders, the second with a 16-wide projection; tokenizer_2 pads with "!", as
+  SDXL's does): (folder, the diffusers pipeline)."""
+  import diffusers
+  import torch
+  tokenizer = write_clip_vocab(tmp_path / "tokenizer_src", max_length=12)
+  tokenizer_2 = write_clip_vocab(tmp_path / "tokenizer_2_src", pad_token="!", max_length=12)
+  torch.manual_seed(0)
+  unet = diffusers.UNet2DConditionModel(**SDXL_UNET)
+  vae = tiny_vae(dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                      latent_channels=4, scaling_factor=0.13025))
+  scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012,
+                                      beta_schedule="scaled_linear", clip_sample=False,
+                                      set_alpha_to_one=False, steps_offset=1)
+  pipe = diffusers.StableDiffusionXLPipeline(
+      vae=vae, text_encoder=tiny_clip_text(tokenizer, seed=1),
+      text_encoder_2=tiny_clip_text(tokenizer_2, projection_dim=16, seed=2),
+      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet.eval(), scheduler=scheduler,
+      force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
+  pipe.save_pretrained(tmp_path / "sdxl")
+  return tmp_path / "sdxl", pipe

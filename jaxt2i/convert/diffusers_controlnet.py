@@ -35,6 +35,8 @@ def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any
     raise ValueError(f"_class_name={config['_class_name']!r}: expected 'ControlNetModel'")
   problems = [f"{k}={config[k]!r}" for k, allowed in _FIXED.items()
               if k in config and config[k] not in allowed]
+  if config.get("addition_embed_type"):  # SDXL ControlNets: not wired into ControlNet yet
+    problems.append(f"addition_embed_type={config['addition_embed_type']!r}")
   if problems:
     raise ValueError("this ControlNetModel config is outside what jaxt2i's ControlNet "
                      "expresses: " + "; ".join(problems))

@@ -9,7 +9,9 @@ unet/, vae/, text_encoder/, tokenizer/, scheduler/; safetensors or .bin weights)
 converted (convert/diffusers_unet, diffusers_vae, transformers_clip), the scheduler config is
 mapped onto jaxt2i's schedule and sampler settings, and the result is the same Pipeline that
 `jaxt2i.load` returns for a trained run: config.task "latent_diffusion" with
-model.text_encoder "clip". Nothing is downloaded.
+model.text_encoder "clip". An SDXL folder (StableDiffusionXLPipeline's: text_encoder_2/ and
+tokenizer_2/ besides) becomes a "stable_diffusion_xl" run instead (tasks/sdxl.py).
+Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import os
 from typing import Any
 
 
+from jaxt2i.convert import diffusers_sdxl
+from jaxt2i.tasks.sdxl import StableDiffusionXLTask
 from jaxt2i.convert.diffusers_controlnet import controlnet_config_from_diffusers, \
     load_diffusers_controlnet
 from jaxt2i.convert.diffusers_unet import load_diffusers_unet, unet_config_from_diffusers
@@ -70,6 +74,8 @@ def scheduler_fields(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_folder(path: str) -> None:
+  if diffusers_sdxl.is_sdxl_folder(path):
+    diffusers_sdxl.check_sdxl_folder(path)  # names the refiner before its missing parts
   missing = [p for p in _PARTS if not os.path.isdir(os.path.join(path, p))]
   if missing:
     raise FileNotFoundError(f"{path} is not a diffusers Stable Diffusion folder: missing "
@@ -85,17 +91,22 @@ def _controlnet_folders(controlnet: Any) -> list[str]:
 
 
 def config_from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
-                          attention_implementation: str = "auto", guidance_scale: float = 7.5,
-                          num_sampling_steps: int = 50, controlnet: Any = None) -> Any:
-  """The jaxt2i run config (task "latent_diffusion", model.text_encoder "clip") describing the
-  Stable Diffusion folder at `path`; model.pretrained points at it, so a trainer started from
-  this config begins from the folder's weights (configs/sd_finetune.py)."""
+                          attention_implementation: str = "auto",
+                          guidance_scale: float | None = None, num_sampling_steps: int = 50,
+                          controlnet: Any = None) -> Any:
+  """The jaxt2i run config (task "latent_diffusion", model.text_encoder "clip"; SDXL:
+  "stable_diffusion_xl") describing the Stable Diffusion folder at `path`; model.pretrained
+  points at it, so a trainer started from this config begins from the folder's weights
+  (configs/sd_finetune.py; not for SDXL)."""
   from jaxt2i.data.tokenizer import CLIPTokenizer
   from jaxt2i.tasks.ldm import LatentDiffusionTask
   from jaxt2i.training import config as config_lib
 
   path = os.fspath(path)
   _check_folder(path)
+  xl = diffusers_sdxl.is_sdxl_folder(path)
+  if xl and controlnet is not None:
+    raise ValueError("ControlNets are not implemented for SDXL folders")
   unet_config = _read_json(os.path.join(path, "unet", "config.json"))
   vae_config = _read_json(os.path.join(path, "vae", "config.json"))
   vae_fields, scaling_factor = vae_config_from_diffusers(vae_config)
@@ -107,7 +118,8 @@ def config_from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
   max_length = clip_fields.get("max_position_embeddings", 77)
 
   config = config_lib.trainer_defaults()
-  model = LatentDiffusionTask.default_model_config()
+  task_class = StableDiffusionXLTask if xl else LatentDiffusionTask
+  model = task_class.default_model_config()
   model.update({
       "pretrained": path, "autoencoder_workdir": "",
       "autoencoder": {"kind": "kl", "latent_channels": vae_fields["latent_channels"],
@@ -120,12 +132,17 @@ def config_from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
       "unconditional_tokens": tuple(int(i) for i in tokenizer.encode([""], max_length)[0][0]),
       "unet": unet_config_from_diffusers(unet_config),
       "attention_implementation": attention_implementation,
-      "guidance_scale": float(guidance_scale), "num_sampling_steps": int(num_sampling_steps),
+      # diffusers' defaults: 7.5 (StableDiffusionPipeline), 5.0 (StableDiffusionXLPipeline).
+      "guidance_scale": float(guidance_scale if guidance_scale is not None else
+                              5.0 if xl else 7.5),
+      "num_sampling_steps": int(num_sampling_steps),
       **scheduler_fields(scheduler)})
+  if xl:
+    model.update(_sdxl_fields(path, model.unconditional_tokens, max_length))
   for k, folder in enumerate(_controlnet_folders(controlnet)):
     fields = controlnet_config_from_diffusers(_read_json(os.path.join(folder, "config.json")))
     model.controlnets[f"controlnet_{k}"] = fields
-  config.task = LatentDiffusionTask.name
+  config.task = task_class.name
   config.model = model
   factor = 2 ** (len(vae_fields["block_out_channels"]) - 1)
   config.data.image_size = int(unet_config.get("sample_size") or 64) * factor
@@ -137,32 +154,58 @@ def config_from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
   return config
 
 
+def _sdxl_fields(path: str, unconditional_tokens: tuple[int, ...], max_length: int
+                 ) -> dict[str, Any]:
+  """The StableDiffusionXLTask model fields beyond SD's: the second text encoder and
+  tokenizer, both tokenizers' empty-prompt rows side by side, force_zeros_for_empty_prompt."""
+  from jaxt2i.data.tokenizer import CLIPTokenizer
+  index = diffusers_sdxl.check_sdxl_folder(path)
+  config_2 = _read_json(os.path.join(path, "text_encoder_2", "config.json"))
+  clip_fields_2 = clip_text_config_from_transformers(config_2)
+  clip_fields_2["projection_dim"] = int(config_2.get("projection_dim", 512))
+  if clip_fields_2.get("max_position_embeddings", 77) != max_length:
+    raise ValueError(f"{path}: text_encoder_2 takes {clip_fields_2.get('max_position_embeddings')}"
+                     f" tokens, text_encoder {max_length}; SDXL concatenates their states, so "
+                     "they must agree")
+  tokenizer_2 = CLIPTokenizer.load(os.path.join(path, "tokenizer_2"))
+  empty_2 = tuple(int(i) for i in tokenizer_2.encode([""], max_length)[0][0])
+  return {"clip_text_2": clip_fields_2, "tokenizer_2": os.path.join(path, "tokenizer_2"),
+          "unconditional_tokens": tuple(unconditional_tokens) + empty_2,
+          "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
+
+
 def params_from_diffusers(path: str | os.PathLike, controlnet: Any = None) -> dict[str, Any]:
   """{"unet", "text_encoder", "autoencoder", "controlnet_<k>"...} params (float32 numpy) of
-  the folder at `path` and of the ControlNet folder(s)."""
+  the folder at `path` and of the ControlNet folder(s); SDXL folders add "text_encoder_2"."""
   path = os.fspath(path)
   _check_folder(path)
   _, unet_params = load_diffusers_unet(os.path.join(path, "unet"))
   _, vae_params, _ = load_diffusers_vae(os.path.join(path, "vae"))
   _, text_params = load_clip_text_encoder(os.path.join(path, "text_encoder"))
   params = {"unet": unet_params, "text_encoder": text_params, "autoencoder": vae_params}
+  if diffusers_sdxl.is_sdxl_folder(path):
+    diffusers_sdxl.check_sdxl_folder(path)
+    params["text_encoder_2"] = load_clip_text_encoder(os.path.join(path, "text_encoder_2"),
+                                                      with_projection=True)[1]
   for k, folder in enumerate(_controlnet_folders(controlnet)):
     params[f"controlnet_{k}"] = load_diffusers_controlnet(folder)[1]
   return params
 
 
 def from_diffusers(path: str | os.PathLike, *, dtype: str = "float32",
-                   attention_implementation: str = "auto", guidance_scale: float = 7.5,
+                   attention_implementation: str = "auto", guidance_scale: float | None = None,
                    num_sampling_steps: int = 50, controlnet: Any = None,
                    **pipeline_kwargs: Any):
-  """The Stable Diffusion folder at `path` as a jaxt2i Pipeline (see the module docstring).
+  """The Stable Diffusion (1.x, 2.x or XL base) folder at `path` as a jaxt2i Pipeline (see
+  the module docstring).
 
   Args:
     path: the local folder.
     dtype: compute dtype, "float32" or "bfloat16"; with "bfloat16" the weights are stored in
       bfloat16 too unless pipeline_kwargs say weights_dtype="float32".
     attention_implementation: "auto", "einsum", "xla" or "cudnn".
-    guidance_scale, num_sampling_steps: the pipeline's defaults (StableDiffusionPipeline's).
+    guidance_scale, num_sampling_steps: the pipeline's defaults (diffusers': guidance 7.5, or
+      5.0 for SDXL; 50 steps).
     controlnet: a diffusers ControlNetModel folder, or a list of them (summed); the pipeline
       then takes `control_image=` (and `controlnet_conditioning_scale=`).
     **pipeline_kwargs: for jaxt2i.pipelines.Pipeline (devices, compilation_cache).

@@ -1,4 +1,4 @@
-"""diffusers `UNet2DConditionModel` checkpoints (Stable Diffusion 1.x / 2.x) -> jaxt2i UNet.
+"""diffusers `UNet2DConditionModel` checkpoints (Stable Diffusion 1.x / 2.x / XL) -> jaxt2i UNet.
 
 jaxt2i.models.unet.UNet keeps diffusers' submodule names with list indices as suffixes, so a
 state_dict key maps to a param path by name alone:
@@ -40,8 +40,11 @@ _FIELD_DEFAULTS: dict[str, Any] = {
     "use_linear_projection": False, "transformer_layers_per_block": 1,
     "upcast_attention": False, "norm_num_groups": 32, "norm_eps": 1e-5,
     "flip_sin_to_cos": True, "freq_shift": 0, "dropout": 0.0,
+    # SDXL's added text / size embedding (None, or "text_time" with both widths set).
+    "addition_embed_type": None, "addition_time_embed_dim": None,
+    "projection_class_embeddings_input_dim": None,
 }
-# Options of UNet2DConditionModel outside the SD 1.x / 2.x family: each must keep a value
+# Options of UNet2DConditionModel outside the SD 1.x / 2.x / XL family: each must keep a value
 # that means "off" (diffusers' default, or an equivalent spelling).
 _FIXED: dict[str, tuple[Any, ...]] = {
     "center_input_sample": (False,), "only_cross_attention": (False,),
@@ -49,14 +52,12 @@ _FIXED: dict[str, tuple[Any, ...]] = {
     "mid_block_scale_factor": (1,), "act_fn": ("silu", "swish"),
     "mid_block_type": ("UNetMidBlock2DCrossAttn",), "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,), "dual_cross_attention": (False,),
-    "class_embed_type": (None,), "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,), "num_class_embeds": (None,),
+    "class_embed_type": (None,), "num_class_embeds": (None,),
     "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1,), "time_embedding_type": ("positional",),
     "time_embedding_dim": (None,), "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,), "time_cond_proj_dim": (None,), "conv_in_kernel": (3,),
-    "conv_out_kernel": (3,), "projection_class_embeddings_input_dim": (None,),
-    "attention_type": ("default",), "class_embeddings_concat": (False,),
+    "conv_out_kernel": (3,), "attention_type": ("default",), "class_embeddings_concat": (False,),
     "cross_attention_norm": (None,), "reverse_transformer_layers_per_block": (None,),
 }
 # Metadata, or settings that only matter for options fixed above.
@@ -79,8 +80,8 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
   """UNet fields for a diffusers UNet2DConditionModel config (its config.json as a dict).
 
   Raises:
-    ValueError: the config uses an option outside the SD 1.x / 2.x family (SDXL's added
-      embeddings, class conditioning, other block types, ...) or a key this converter does
+    ValueError: the config uses an option outside the SD 1.x / 2.x / XL family (class
+      conditioning, other added embeddings, other block types, ...) or a key this converter does
       not know; the message names every offending key.
   """
   problems = []
@@ -105,6 +106,13 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
   layers = fields["transformer_layers_per_block"]
   if isinstance(layers, tuple) and any(isinstance(v, tuple) for v in layers):
     problems.append(f"transformer_layers_per_block={layers} (per-layer counts are not supported)")
+  if fields["addition_embed_type"] not in (None, "text_time"):
+    problems.append(f"addition_embed_type={fields['addition_embed_type']!r} (supported: None or "
+                    "'text_time', SDXL's)")
+  elif fields["addition_embed_type"] and not (fields["addition_time_embed_dim"] and
+                                              fields["projection_class_embeddings_input_dim"]):
+    problems.append("addition_embed_type='text_time' without addition_time_embed_dim and "
+                    "projection_class_embeddings_input_dim")
   if fields["norm_num_groups"] is None:
     problems.append("norm_num_groups=None (GroupNorm is required)")
   if problems:
@@ -132,11 +140,18 @@ def expected_layout(model: UNet) -> dict[str, tuple[tuple[str, ...], tuple[int, 
   """torch key -> (param path, Flax shape, torch shape) for every param of `model`."""
   n = len(model.block_out_channels)
   side = 2 ** (n - 1)
+  added = {}
+  if model.addition_embed_type == "text_time":
+    # add_embedding's kernel only sees the total width: split it as SDXL base does (6 ids).
+    width = model.projection_class_embeddings_input_dim - 6 * model.addition_time_embed_dim
+    added = {"text_embeds": jax.ShapeDtypeStruct((1, width), jnp.float32),
+             "time_ids": jax.ShapeDtypeStruct((1, 6), jnp.float32)}
   shapes = jax.eval_shape(
-      model.init, jax.random.key(0),
+      lambda rng, sample, t, context, added: model.init(rng, sample, t, context, **added),
+      jax.random.key(0),
       jax.ShapeDtypeStruct((1, side, side, model.in_channels), jnp.float32),
       jax.ShapeDtypeStruct((1,), jnp.float32),
-      jax.ShapeDtypeStruct((1, 1, model.cross_attention_dim), jnp.float32))
+      jax.ShapeDtypeStruct((1, 1, model.cross_attention_dim), jnp.float32), added)
   return layout_of(shapes["params"], _torch_key, _torch_shape)
 
 

@@ -1,7 +1,9 @@
-"""transformers' CLIPTextModel checkpoints -> jaxt2i's CLIPTextTransformer.
+"""transformers' CLIPTextModel(WithProjection) checkpoints -> jaxt2i's CLIPTextTransformer.
 
 A Stable Diffusion folder's `text_encoder/` (config.json + model.safetensors or
-pytorch_model.bin) holds one; so does any local `CLIPTextModel.save_pretrained` output. The
+pytorch_model.bin) holds one; so does any local `CLIPTextModel.save_pretrained` output.
+SDXL's `text_encoder_2/` is a CLIPTextModelWithProjection: with_projection=True keeps its
+text_projection (CLIPTextTransformer.projection_dim). The
 attention projections become the (embed, heads, kv) / (heads, kv, embed) kernels of
 jaxt2i.models.attention.Attention; everything else is a transpose or a copy.
 
@@ -27,8 +29,9 @@ _CONFIG_FIELDS = ("vocab_size", "max_position_embeddings", "hidden_size", "inter
                   "num_hidden_layers", "num_attention_heads", "hidden_act", "layer_norm_eps",
                   "eos_token_id")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# Buffers and heads a CLIPTextModel(WithProjection) checkpoint may hold beside the tower.
-_IGNORED = ("embeddings.position_ids", "text_projection.weight")
+# Buffers a CLIPTextModel(WithProjection) checkpoint may hold beside the weights.
+_IGNORED = ("embeddings.position_ids",)
+_PROJECTION = "text_projection.weight"  # read only into a model with projection_dim
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
 _MODULE = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out_0": "out_proj",
            "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
@@ -46,6 +49,8 @@ def clip_text_config_from_transformers(config: Mapping[str, Any]) -> dict[str, A
 
 
 def _torch_key(path: tuple[str, ...]) -> str:
+  if path[0] == "text_projection":
+    return _PROJECTION
   if path[0] == "token_embedding":
     return "embeddings.token_embedding.weight"
   if path[0] == "position_embedding":
@@ -89,25 +94,34 @@ def clip_text_params_from_transformers(state_dict: Mapping[str, Any],
   """
   # transformers 4 saved the tower under "text_model."; transformers 5 saves it bare.
   state_dict = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
-  state_dict = {k: v for k, v in state_dict.items() if k not in _IGNORED}
+  ignored = _IGNORED if model.projection_dim else _IGNORED + (_PROJECTION,)
+  state_dict = {k: v for k, v in state_dict.items() if k not in ignored}
   return params_from_layout(state_dict, expected_layout(model),
                             "state_dict does not match the CLIP text encoder")
 
 
-def load_clip_text_encoder(path: str | os.PathLike, **overrides: Any
+def load_clip_text_encoder(path: str | os.PathLike, *, with_projection: bool = False,
+                           subfolder: str = "text_encoder", **overrides: Any
                            ) -> tuple[CLIPTextTransformer, dict[str, Any]]:
   """Loads a local transformers CLIPTextModel: a folder with config.json and model.safetensors
-  (or pytorch_model.bin), or a Stable Diffusion folder holding one in `text_encoder/`.
+  (or pytorch_model.bin), or a Stable Diffusion folder holding one in `subfolder`.
 
   Args:
     path: the folder.
+    with_projection: a CLIPTextModelWithProjection (SDXL's text_encoder_2): keep its
+      text_projection (projection_dim from the config), whose output is "text_embeds".
+      Otherwise the projection, if the checkpoint has one, is not read.
+    subfolder: the part of a pipeline folder to read ("text_encoder_2" for SDXL's second).
     **overrides: CLIPTextTransformer fields beyond the config, e.g. dtype=jnp.bfloat16.
 
   Returns:
     (model, params), for `model.apply({"params": params}, input_ids)`.
   """
-  path, config = read_model_config(path, "text_encoder", "CLIP text encoder")
-  model = CLIPTextTransformer(**{**clip_text_config_from_transformers(config), **overrides})
+  path, config = read_model_config(path, subfolder, "CLIP text encoder")
+  fields = clip_text_config_from_transformers(config)
+  if with_projection:
+    fields["projection_dim"] = int(config.get("projection_dim", 512))  # transformers' default
+  model = CLIPTextTransformer(**{**fields, **overrides})
   state_dict = read_state_dict(weights_file(path, _WEIGHT_FILES, "CLIP text encoder"),
                                "CLIP text encoder weights")
   return model, clip_text_params_from_transformers(state_dict, model)

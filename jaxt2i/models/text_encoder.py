@@ -136,6 +136,10 @@ class CLIPTextTransformer(nn.Module):
   # The end-of-text id that pools; 2 is transformers' legacy value, meaning "the highest id in
   # the row" (CLIP's EOT, 49407, is the largest id in its vocabulary).
   eos_token_id: int = 2
+  # > 0: `CLIPTextModelWithProjection` (SDXL's second text encoder): the pooled state also
+  # goes through text_projection (no bias) to "text_embeds" [B, projection_dim]. 0: the plain
+  # CLIPTextModel (SD 1.x / 2.x), no projection weights.
+  projection_dim: int = 0
   attention_implementation: str = "auto"
   dtype: Any = jnp.float32
 
@@ -146,7 +150,7 @@ class CLIPTextTransformer(nn.Module):
     (final-normed), "pooled" [B, D] (at the EOT token), and with output_hidden_states
     "hidden_states": the embeddings and each block's output (not normed), L + 1 arrays as
     transformers returns them: SD's "clip skip" takes final_layer_norm of hidden_states[-2],
-    see `penultimate`}."""
+    see `penultimate`; with projection_dim, "text_embeds" [B, projection_dim]}."""
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"CLIP hidden_act {self.hidden_act!r} is not supported; choose one of "
                        f"{sorted(ACTIVATIONS)}")
@@ -183,6 +187,9 @@ class CLIPTextTransformer(nn.Module):
     else:
       eot = jnp.argmax(input_ids == self.eos_token_id, axis=-1)
     out = {"last_hidden_state": states, "pooled": states[jnp.arange(batch), eot]}
+    if self.projection_dim:
+      out["text_embeds"] = layers.dense(self.projection_dim, ("embed", "mlp"), self.dtype,
+                                        "text_projection", use_bias=False)(out["pooled"])
     if output_hidden_states:
       out["hidden_states"] = tuple(hidden_states)
       out["penultimate"] = final_norm(hidden_states[-2])

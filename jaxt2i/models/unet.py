@@ -5,12 +5,15 @@ connections, where the blocks at the chosen resolutions add a spatial transforme
 a projection to tokens, transformer blocks (self-attention, cross-attention to the text
 encoder's states, GEGLU feed-forward) and a projection back, added to the input.
 
-The module is the Stable Diffusion 1.x / 2.x member of diffusers' `UNet2DConditionModel`,
-written out for that family only: its fields keep diffusers' names and meanings (including
-the `attention_head_dim` quirk below), its submodules keep diffusers' names with list
-indices as suffixes (`down_blocks.0.resnets.1.conv1` -> down_blocks_0/resnets_1/conv1), so
-that jaxt2i/convert/diffusers_unet.py maps a diffusers checkpoint one to one, and it
-computes the same function (checked to 1e-4 in tests/test_unet.py). Arrays are NHWC.
+The module is the Stable Diffusion 1.x / 2.x / XL member of diffusers'
+`UNet2DConditionModel`, written out for that family only (SDXL adds the "text_time"
+embedding of the pooled text and of the image size / crop, Podell et al., 2023, Sec. 2.2):
+its fields keep diffusers' names and meanings (including the `attention_head_dim` quirk
+below), its submodules keep diffusers' names with list indices as suffixes
+(`down_blocks.0.resnets.1.conv1` -> down_blocks_0/resnets_1/conv1), so that
+jaxt2i/convert/diffusers_unet.py maps a diffusers checkpoint one to one, and it
+computes the same function (checked to 1e-4 in tests/test_unet.py, SDXL's in
+tests/test_sdxl.py). Arrays are NHWC.
 """
 
 from __future__ import annotations
@@ -210,7 +213,7 @@ def _per_block(value: int | Sequence[int], n: int, field: str) -> tuple[int, ...
 class UNet(nn.Module):
   """Text-conditioned U-Net: (noisy latents, timesteps, text states) -> prediction.
 
-  Fields follow diffusers' UNet2DConditionModel (SD 1.x / 2.x subset); `variant()` gives
+  Fields follow diffusers' UNet2DConditionModel (SD 1.x / 2.x / XL subset); `variant()` gives
   the standard sizes.
   """
   in_channels: int = 4
@@ -240,6 +243,15 @@ class UNet(nn.Module):
   # Gradient checkpointing of every resnet and transformer block: "" (off), "full", "dots"
   # or "dots_no_batch" (layers.REMAT_POLICIES); the same numbers, less activation memory.
   remat_policy: str = ""
+  # SDXL's added conditioning: None (SD 1.x / 2.x) or "text_time": each number of `time_ids`
+  # embedded sinusoidally (addition_time_embed_dim wide, flip_sin_to_cos / freq_shift as for
+  # the timestep), flattened, concatenated after `text_embeds` (the pooled text embedding),
+  # through add_embedding (linear_1, SiLU, linear_2) and added to the timestep embedding.
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int | None = None
+  # add_embedding's input width: text_embeds' width + len(time_ids) * addition_time_embed_dim
+  # (SDXL base: 1280 + 6 * 256 = 2816).
+  projection_class_embeddings_input_dim: int | None = None
   dtype: Any = jnp.float32                   # compute dtype; params stay float32
 
   def _check(self, sample, encoder_hidden_states) -> None:
@@ -257,6 +269,13 @@ class UNet(nn.Module):
         or encoder_hidden_states.shape[-1] != self.cross_attention_dim):
       raise ValueError(f"encoder_hidden_states must be [B, L, {self.cross_attention_dim}], got "
                        f"{encoder_hidden_states.shape}")
+    if self.addition_embed_type not in (None, "text_time"):
+      raise ValueError(f"UNet.addition_embed_type={self.addition_embed_type!r}: None or "
+                       "'text_time' (SDXL)")
+    if self.addition_embed_type and not (self.addition_time_embed_dim
+                                         and self.projection_class_embeddings_input_dim):
+      raise ValueError("UNet.addition_embed_type='text_time' needs addition_time_embed_dim and "
+                       "projection_class_embeddings_input_dim")
 
   def _blocks(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], BlockSettings]:
     """Heads, resnets and transformer layers per block, and the blocks' shared settings."""
@@ -269,15 +288,38 @@ class UNet(nn.Module):
         self.norm_num_groups, self.norm_eps, self.dropout, self.use_linear_projection,
         self.attention_implementation, self.dtype, self.remat_policy)
 
-  def _embed(self, timesteps: jax.Array, encoder_hidden_states: jax.Array, batch: int
+  def _embed(self, timesteps: jax.Array, encoder_hidden_states: jax.Array, batch: int,
+             text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None
              ) -> tuple[jax.Array, jax.Array]:
-    """(the timestep embedding [B, 4 C0], the text states in the compute dtype); called from
-    __call__ (it defines the time_embedding submodule)."""
+    """(the timestep embedding [B, 4 C0], plus SDXL's added embedding; the text states in the
+    compute dtype); called from __call__ (it defines the time_embedding and add_embedding
+    submodules)."""
     width = self.block_out_channels[0]
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
     temb = layers.timestep_embedding(timesteps, width, self.flip_sin_to_cos,
                                      self.freq_shift).astype(self.dtype)
     temb = layers.TimestepEmbedding(4 * width, self.dtype, name="time_embedding")(temb)
+    if self.addition_embed_type == "text_time":
+      if text_embeds is None or time_ids is None:
+        raise ValueError("this UNet (addition_embed_type='text_time', SDXL) needs text_embeds "
+                         "[B, D] and time_ids [B, n]")
+      time_ids = jnp.broadcast_to(jnp.asarray(time_ids), (batch, jnp.shape(time_ids)[-1]))
+      text_embeds = jnp.broadcast_to(jnp.asarray(text_embeds),
+                                     (batch, jnp.shape(text_embeds)[-1]))
+      # Sizes and crops are embedded like timesteps, one sinusoid per number.
+      time_embeds = layers.timestep_embedding(
+          time_ids.reshape(-1), self.addition_time_embed_dim, self.flip_sin_to_cos,
+          self.freq_shift).reshape(batch, -1)
+      added = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+      if added.shape[-1] != self.projection_class_embeddings_input_dim:
+        raise ValueError(f"text_embeds ({text_embeds.shape[-1]} wide) and {time_ids.shape[-1]} "
+                         f"time ids x {self.addition_time_embed_dim} make {added.shape[-1]} "
+                         "features; projection_class_embeddings_input_dim is "
+                         f"{self.projection_class_embeddings_input_dim}")
+      temb = temb + layers.TimestepEmbedding(4 * width, self.dtype, name="add_embedding")(
+          added.astype(self.dtype))
+    elif text_embeds is not None or time_ids is not None:
+      raise ValueError("text_embeds / time_ids given to a UNet without addition_embed_type")
     return temb, encoder_hidden_states.astype(self.dtype)
 
   def _encode(self, x: jax.Array, temb: jax.Array, context: jax.Array, deterministic: bool
@@ -300,7 +342,9 @@ class UNet(nn.Module):
   def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
                deterministic: bool = True,
                down_block_additional_residuals: Sequence[jax.Array] | None = None,
-               mid_block_additional_residual: jax.Array | None = None) -> jax.Array:
+               mid_block_additional_residual: jax.Array | None = None,
+               text_embeds: jax.Array | None = None,
+               time_ids: jax.Array | None = None) -> jax.Array:
     """Predicts noise (or v / x0, per training) for the latents.
 
     Args:
@@ -310,6 +354,9 @@ class UNet(nn.Module):
       deterministic: False applies dropout (needs a 'dropout' rng).
       down_block_additional_residuals, mid_block_additional_residual: ControlNet outputs
         (models/controlnet.py), added to every skip connection and to the mid block's output.
+      text_embeds, time_ids: SDXL's added conditioning (addition_embed_type="text_time"):
+        the pooled text embedding [B, D] and the size / crop numbers [B, n] (diffusers'
+        added_cond_kwargs).
 
     Returns:
       float32 [B, H, W, out_channels].
@@ -318,7 +365,8 @@ class UNet(nn.Module):
     n = len(self.block_out_channels)
     channels = tuple(self.block_out_channels)
     heads, num_layers, t_layers, s = self._blocks()
-    temb, context = self._embed(timesteps, encoder_hidden_states, sample.shape[0])
+    temb, context = self._embed(timesteps, encoder_hidden_states, sample.shape[0], text_embeds,
+                                time_ids)
     x = layers.conv(channels[0], 3, self.dtype, "conv_in", padding=1)(sample.astype(self.dtype))
     x, skips = self._encode(x, temb, context, deterministic)
 
@@ -353,6 +401,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Stable Diffusion 2.x (stabilityai/stable-diffusion-2*): 64-wide heads, OpenCLIP ViT-H text.
     "sd2": {"attention_head_dim": (5, 10, 20, 20), "cross_attention_dim": 1024,
             "use_linear_projection": True},
+    # Stable Diffusion XL base (stabilityai/stable-diffusion-xl-base-1.0): 2.6B parameters,
+    # CLIP ViT-L + OpenCLIP ViT-bigG text (2048-wide states, 1280-wide pooled embedding).
+    "sdxl": {"block_out_channels": (320, 640, 1280),
+             "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+             "up_block_types": ("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+             "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048,
+             "use_linear_projection": True, "transformer_layers_per_block": (1, 2, 10),
+             "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+             "projection_class_embeddings_input_dim": 2816},
     # CPU-sized, for tests and `runlocal` configs.
     "tiny": {"block_out_channels": (32, 64), "layers_per_block": 1,
              "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -362,7 +419,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def variant(name: str, **overrides: Any) -> UNet:
-  """A UNet of a standard size ("sd1", "sd2", "tiny"), with fields overridden by keyword."""
+  """A UNet of a standard size ("sd1", "sd2", "sdxl", "tiny"), with fields overridden by keyword."""
   if name not in VARIANTS:
     raise ValueError(f"unknown UNet variant {name!r}; choose one of {sorted(VARIANTS)}")
   return UNet(**{**VARIANTS[name], **overrides})
