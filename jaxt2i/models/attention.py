@@ -139,6 +139,15 @@ def _forward_step(q, k, v, mask, precision):
   return (out / total).astype(v.dtype), (peak[..., 0], 1.0 / total[..., 0])
 
 
+def _transposed(x):
+  """x [..., a, b] as [..., b, a], materialised. XLA:CPU runs a product that contracts the
+  left operand's major axis (ds^T q, the key gradients) as a generic dot, ~3x slower than a
+  transpose copy followed by a plain one ([16, 32] blocks of [32, 32] x [32, 64], or
+  [1024, 32]^T x [1024, 64], on the 2-core benchmark machine); the barrier keeps XLA from
+  folding the transpose back into the product."""
+  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
 def _backward_step(q, k, v, mask, out, stats, dout, precision):
   """(dq [..., Lq, D], dk^T, dv^T [..., D, Lk]) in float32 for one step, recomputing the
   probabilities from `stats`.
@@ -534,8 +543,8 @@ def _rows_forward_step(q, kt, vt, k, v, local, precision):
 
 
 def _rows_backward_step(q, kt, vt, k, v, out, stats, dout, local, precision):
-  """(dq, dkt^T, dvt^T, dk^T, dv^T) in float32 for `_rows_forward_step`, recomputing the
-  probabilities from `stats`; key gradients transposed as `_backward_step`'s."""
+  """(dq, dkt, dvt, dk, dv) in float32 for `_rows_forward_step`, recomputing the
+  probabilities from `stats`."""
   q, kt, vt, k, v, out, dout = (x.astype(jnp.float32) for x in (q, kt, vt, k, v, out, dout))
   peak, inv_total = (x[..., None] for x in stats)
   delta = jnp.sum(dout * out, axis=-1, keepdims=True)  # rowsum(p * dp)
@@ -544,17 +553,20 @@ def _rows_backward_step(q, kt, vt, k, v, out, stats, dout, local, precision):
   p = jnp.exp(text - peak) * inv_total
   ds = p * (jnp.einsum("...gqd,...td->...gqt", dout, vt, precision=precision) - delta)
   dq = jnp.einsum("...gqt,...td->...gqd", ds, kt, precision=precision)
-  dkt_t = jnp.einsum("...gqd,...gqt->...dt", q, ds, precision=precision)
-  dvt_t = jnp.einsum("...gqd,...gqt->...dt", dout, p, precision=precision)
-  dk_t = dv_t = 0.0
-  width = q.shape[-2]
+  groups, width = q.shape[-3:-1]
+
+  def flat(x):  # [..., G, n, X] -> [..., G * n, X]
+    return x.reshape(*x.shape[:-3], groups * width, x.shape[-1])
+  dkt = jnp.einsum("...tq,...qd->...td", _transposed(flat(ds)), flat(q), precision=precision)
+  dvt = jnp.einsum("...tq,...qd->...td", _transposed(flat(p)), flat(dout), precision=precision)
+  dk = dv = 0.0
 
   def to_keys(x, part):
-    """[..., G, D, len(part) * n]: per query row r, the gradients of key rows r - o -> the
+    """[..., G, len(part) * n, D]: per query row r, the gradients of key rows r - o -> the
     sum over the part's offsets o, each moved to its key row."""
     total = 0.0
     for i, o in enumerate(part):
-      y = x[..., i * width:(i + 1) * width]
+      y = x[..., i * width:(i + 1) * width, :]
       if o:
         y = jnp.pad(y[..., o:, :, :], [(0, 0)] * (y.ndim - 3) + [(0, o), (0, 0), (0, 0)])
       total = total + y
@@ -565,11 +577,11 @@ def _rows_backward_step(q, kt, vt, k, v, out, stats, dout, local, precision):
     ds = p * (jnp.einsum("...gqd,...gkd->...gqk", dout, v_above(part), precision=precision)
               - delta)
     dq = dq + jnp.einsum("...gqk,...gkd->...gqd", ds, k_above(part), precision=precision)
-    dk_t = dk_t + to_keys(jnp.einsum("...gqd,...gqk->...gdk", q, ds, precision=precision),
-                          part)
-    dv_t = dv_t + to_keys(jnp.einsum("...gqd,...gqk->...gdk", dout, p, precision=precision),
-                          part)
-  return dq, dkt_t, dvt_t, dk_t, dv_t
+    dk = dk + to_keys(jnp.einsum("...gkq,...gqd->...gkd", _transposed(ds), q,
+                                 precision=precision), part)
+    dv = dv + to_keys(jnp.einsum("...gkq,...gqd->...gkd", _transposed(p), dout,
+                                 precision=precision), part)
+  return dq, dkt, dvt, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -580,8 +592,18 @@ def _rows_flash(q, kt, vt, k, v, local, precision):
 
 
 def _rows_group(q, kt, local):
-  pairs, groups, width, _ = q.shape
-  return block_plan(pairs, groups * width, kt.shape[1] + (local[0] + 1) * width)[0]
+  """(batch, head) pairs per step of `_rows_flash`: all of them in one step when their logits
+  and, for conv, the shifted copies of their keys and values (`_above`) fit
+  EINSUM_CHUNK_BYTES, else one. On the 2-core benchmark machine, steps of several pairs
+  (lax.map's batch_size) ran conv slower than one pair per step: ~15% in forward + backward
+  at 32 x 32 (4 pairs per step before). Row and column keep one step of all pairs: looping
+  over them cost more than their logits missing the cache."""
+  pairs, groups, width, dim = q.shape
+  halo = local[0]
+  pair_bytes = groups * width * (kt.shape[1] + (halo + 1) * width) * 4
+  if halo:
+    pair_bytes += 2 * groups * (halo + 1) * width * dim * 4
+  return pairs if pairs * pair_bytes <= EINSUM_CHUNK_BYTES else 1
 
 
 def _rows_flash_forward(q, kt, vt, k, v, local, precision):
@@ -592,12 +614,9 @@ def _rows_flash_forward(q, kt, vt, k, v, local, precision):
 
 def _rows_flash_backward(local, precision, residuals, dout):
   q, kt, vt, k, v, out, stats = residuals
-  dq, dkt_t, dvt_t, dk_t, dv_t = _map_pairs(
-      lambda a: _rows_backward_step(*a, local, precision), _rows_group(q, kt, local),
-      (q, kt, vt, k, v, out, stats, dout))
-  return (dq.astype(q.dtype), jnp.swapaxes(dkt_t, -1, -2).astype(kt.dtype),
-          jnp.swapaxes(dvt_t, -1, -2).astype(vt.dtype),
-          jnp.swapaxes(dk_t, -1, -2).astype(k.dtype), jnp.swapaxes(dv_t, -1, -2).astype(v.dtype))
+  grads = _map_pairs(lambda a: _rows_backward_step(*a, local, precision),
+                     _rows_group(q, kt, local), (q, kt, vt, k, v, out, stats, dout))
+  return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, kt, vt, k, v)))
 
 
 _rows_flash.defvjp(_rows_flash_forward, _rows_flash_backward)
@@ -623,6 +642,14 @@ def _attend_heads_first(q, k, v, mask, implementation, precision):
   out = dot_product_attention(q, k, v, mask=mask, implementation=implementation,
                               precision=precision)
   return jnp.moveaxis(out.reshape(lead[:1] + lead[2:] + (lq, heads, dim)), -2, 1)
+
+
+def _image_rows(x, text_len, grid, column):
+  """The image tokens of x [B, L, H, D], heads first and grouped by row: [B, H, G, n, D]
+  (for `column`, by column: the paper's transposed image states)."""
+  batch, _, heads, dim = x.shape
+  x = x[:, text_len:].reshape(batch, *grid, heads, dim)
+  return jnp.transpose(x, (0, 3, 2, 1, 4) if column else (0, 3, 1, 2, 4))
 
 
 def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, pattern: str, text_len: int,
@@ -657,35 +684,36 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, pattern: str, 
                                  implementation=implementation, precision=precision)
   batch, _, heads, dim = q.shape
   column = pattern == "column"
-  # Heads first, once: the einsum backend computes in this layout. Building [B, L, H, D]
-  # blocks and transposing them instead would move every key (and, for the jax.nn backends,
-  # every duplicated halo and text key) three times.
-  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-
-  def image_rows(x):  # [B, H, L, D] -> [B, H, G, n, D]; columns become rows for `column`
-    x = x[:, :, text_len:].reshape(batch, heads, *grid, dim)
-    return jnp.swapaxes(x, 2, 3) if column else x  # the paper's transposed image states
+  causal = np.tril(np.ones((text_len, text_len), bool))
   if resolve_implementation(implementation, q, k) == "einsum":
     groups, width = (grid[1], grid[0]) if column else grid
     local = ((min(size[0] // 2, groups - 1), size[1] // 2) if pattern == "conv"
              else (0, width))
     scaled = q * jnp.asarray(1.0 / np.sqrt(dim), q.dtype)
-    qi, ki, vi = (image_rows(x).reshape(batch * heads, groups, width, dim)
-                  for x in (scaled, k, v))
-    kt, vt = (x[:, :, :text_len].reshape(batch * heads, text_len, dim) for x in (k, v))
-    out = _rows_flash(qi, kt, vt, ki, vi, local, precision).reshape(
-        batch, heads, groups, width, dim)
+    # Heads first, each part transposed straight from the input in the layout its matmuls
+    # take; the barrier keeps one copy of the image queries for both the text and the row
+    # products. Transposing the whole stream and slicing it instead let XLA repeat the
+    # transpose in each consumer: 10-15% more forward time on the 2-core benchmark machine.
+    (qi, ki, vi), (qt, kt, vt) = jax.lax.optimization_barrier((
+        [_image_rows(x, text_len, grid, column).reshape(batch * heads, groups, width, dim)
+         for x in (scaled, k, v)],
+        [jnp.swapaxes(x[:, :text_len], 1, 2) for x in (q, k, v)]))
+    out = _rows_flash(qi, *(x.reshape(batch * heads, text_len, dim) for x in (kt, vt)), ki, vi,
+                      local, precision).reshape(batch, heads, groups, width, dim)
   else:
+    qi = _image_rows(q, text_len, grid, column)
+    # Heads first, once: building [B, L, H, D] blocks and transposing them instead would
+    # move every duplicated halo and text key three times.
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     halo, mask = _image_blocks(pattern, text_len, grid, size)
     ki, vi = (_key_blocks(x, text_len, grid, halo, column) for x in (k, v))
-    out = _attend_heads_first(image_rows(q), ki, vi, mask, implementation, precision)
+    out = _attend_heads_first(qi, ki, vi, mask, implementation, precision)
+    qt, kt, vt = (x[:, :, :text_len] for x in (q, k, v))
   if column:
     out = jnp.swapaxes(out, 2, 3)
   out = out.reshape(batch, heads, -1, dim)
   if text_len:
-    causal = np.tril(np.ones((text_len, text_len), bool))
-    text = _attend_heads_first(q[:, :, :text_len], k[:, :, :text_len], v[:, :, :text_len],
-                               causal, implementation, precision)
+    text = _attend_heads_first(qt, kt, vt, causal, implementation, precision)
     out = jnp.concatenate([text, out], axis=2)
   return jnp.swapaxes(out, 1, 2)
 
