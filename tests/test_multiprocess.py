@@ -42,6 +42,7 @@ def wait_all(procs, logs, timeout=180):
   return [p.returncode for p in procs]
 
 
+@pytest.mark.slow  # CI time: test_resume_on_other_topologies trains and resumes on 2 processes
 def test_two_processes_train_save_restore(tmp_path):
   tok_path = str(tokenizer_path(tmp_path))
   logs = tmp_path / "logs"
@@ -171,6 +172,7 @@ def _pod_matches_single_device(tmp_path, recipe, timeout=180, **fields):
                                atol=2 * config.optim.learning_rate if noise_only else 1e-5)
 
 
+@pytest.mark.slow  # test_resume_on_other_topologies covers FSDP across 2 processes quickly
 @pytest.mark.parametrize("recipe", [
     "clip_shapes",
     pytest.param("dvae_shapes", marks=pytest.mark.slow),
