@@ -474,6 +474,22 @@ class LatentDiffusionTask(Task):
 
   # -- sampling --------------------------------------------------------------------------------
 
+  def _sampling_inputs(self, tokens, mask, rng, guidance_scale, num_steps, sampler, latents,
+                       negative_tokens, negative_mask):
+    """generate's arguments with the run's defaults filled in: (guidance_scale, num_steps,
+    sampler, the loop's rng, initial latents, negative tokens and mask (the empty caption
+    unless given))."""
+    m = self.config.model
+    guidance_scale = m.guidance_scale if guidance_scale is None else guidance_scale
+    num_steps = m.num_sampling_steps if num_steps is None else num_steps
+    r_init, r_loop = jax.random.split(rng)
+    if latents is None:
+      latents = jax.random.normal(r_init, (tokens.shape[0],) + self.latent_shape())
+    if negative_tokens is None:
+      negative_tokens, negative_mask = self.unconditional(tokens, mask)
+    return (guidance_scale, num_steps, sampler or m.sampler, r_loop, latents, negative_tokens,
+            negative_mask)
+
   def generate(self, params: PyTree, tokens: jax.Array, mask: jax.Array, rng: jax.Array, *,
                guidance_scale: Any = None, num_steps: Any = None, sampler: str | None = None,
                eta: Any = 0.0, negative_tokens: jax.Array | None = None,
@@ -501,15 +517,10 @@ class LatentDiffusionTask(Task):
     """
     m = self.config.model
     params = self.with_lora(params)
-    guidance_scale = m.guidance_scale if guidance_scale is None else guidance_scale
-    num_steps = m.num_sampling_steps if num_steps is None else num_steps
-    sampler = sampler or m.sampler
+    guidance_scale, num_steps, sampler, r_loop, latents, negative_tokens, negative_mask = (
+        self._sampling_inputs(tokens, mask, rng, guidance_scale, num_steps, sampler, latents,
+                              negative_tokens, negative_mask))
     b = tokens.shape[0]
-    r_init, r_loop = jax.random.split(rng)
-    if latents is None:
-      latents = jax.random.normal(r_init, (b,) + self.latent_shape())
-    if negative_tokens is None:
-      negative_tokens, negative_mask = self.unconditional(tokens, mask)
     context = self.encode_text(params, jnp.concatenate([negative_tokens, tokens]),
                                jnp.concatenate([negative_mask, mask]))
 

@@ -162,17 +162,13 @@ class StableDiffusionXLTask(LatentDiffusionTask):
     (h, w, 0, 0, h, w) of the output size, as in StableDiffusionXLPipeline.
     """
     m = self.config.model
-    guidance_scale = m.guidance_scale if guidance_scale is None else guidance_scale
-    num_steps = m.num_sampling_steps if num_steps is None else num_steps
-    sampler = sampler or m.sampler
+    zeros_branch = negative_tokens is None and m.force_zeros_for_empty_prompt
+    guidance_scale, num_steps, sampler, r_loop, latents, negative_tokens, negative_mask = (
+        self._sampling_inputs(tokens, mask, rng, guidance_scale, num_steps, sampler, latents,
+                              negative_tokens, negative_mask))
+    if zeros_branch:
+      negative_mask = jnp.zeros_like(negative_mask)
     b = tokens.shape[0]
-    r_init, r_loop = jax.random.split(rng)
-    if latents is None:
-      latents = jax.random.normal(r_init, (b,) + self.latent_shape())
-    if negative_tokens is None:
-      negative_tokens, negative_mask = self.unconditional(tokens, mask)
-      if m.force_zeros_for_empty_prompt:
-        negative_mask = jnp.zeros_like(negative_mask)
     context, text_embeds = self.encode_prompts(
         params, jnp.concatenate([negative_tokens, tokens]),
         jnp.concatenate([negative_mask, mask]))
