@@ -64,6 +64,39 @@ def test_eval_hook_logs_scores_and_grids(tmp_path, tok_path, quick_evaluator_64)
   assert events and max(e.stat().st_size for e in events) > 10_000  # image summaries
 
 
+class _MarkScorer:
+  """Judges an image correct when it is not blank; features are its mean colour."""
+  image_size, directory = 8, None
+
+  def judge(self, images, captions):
+    self.captions = list(captions)
+    return [{"correct": bool(im.any()), "place": bool(im.any()), "count": True,
+             "objects": {a: [bool(im.any())] for a in ("color", "shape", "size")}}
+            for im in images]
+
+  def features(self, images):
+    return np.asarray(images, np.float64).reshape(len(images), -1, 3).mean(1)
+
+
+def test_evaluate_images_pairs_each_split_with_its_own_samples():
+  # Prompt-major samples, K = 2 per prompt: the two test prompts' samples are drawn, the
+  # held-out prompt's are blank; every split must be scored on its own prompts' samples.
+  prompts = [("test", "a red circle"), ("test", "a blue square"), ("test_heldout", "a cyan square")]
+  images = np.zeros((6, 8, 8, 3), np.uint8)
+  images[:4] = 200
+  images[1, 0, 0] = 0  # two samples of a prompt differ
+  scorer = _MarkScorer()
+  splits, per_prompt = runner.evaluate_images(images, prompts, 2, scorer, num_real=4)
+  assert scorer.captions == [c for _, c in prompts for _ in range(2)]
+  assert splits["test"]["num_images"] == 4 and splits["test"]["fully_correct"] == 1.0
+  assert splits["test_heldout"]["num_images"] == 2
+  assert splits["test_heldout"]["fully_correct"] == 0.0
+  assert splits["test"]["diversity"] > 0.0 == splits["test_heldout"]["diversity"]
+  assert [p["caption"] for p in per_prompt] == [c for _, c in prompts]
+  np.testing.assert_array_equal(per_prompt[2]["images"], images[4:])
+  assert runner.split_rows(prompts, 2, "test_heldout") == [4, 5]
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tok_path, quick_evaluator_64):
   del quick_evaluator_64  # cached before any subprocess needs it

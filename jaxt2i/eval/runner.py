@@ -88,6 +88,11 @@ def real_features(scorer: shapes_eval.ShapesScorer, split: str = "test",
   return feats
 
 
+def split_rows(prompts: Sequence[tuple[str, str]], k: int, split: str) -> list[int]:
+  """Indices of `split`'s samples in a prompt-major batch of K samples per prompt."""
+  return [i * k + j for i, (s, _) in enumerate(prompts) if s == split for j in range(k)]
+
+
 def evaluate_images(images: np.ndarray, prompts: Sequence[tuple[str, str]],
                     samples_per_prompt: int, scorer: shapes_eval.ShapesScorer, *,
                     num_real: int = NUM_REAL_FEATURES, kid_subset_size: int = 1000
@@ -103,7 +108,7 @@ def evaluate_images(images: np.ndarray, prompts: Sequence[tuple[str, str]],
   real = real_features(scorer, "test", num_real)
   results: dict[str, Any] = {}
   for split in dict.fromkeys(s for s, _ in prompts):
-    rows = [i for i, (s, _) in enumerate(prompts) for _ in range(k) if s == split]
+    rows = split_rows(prompts, k, split)
     split_feats = feats[rows]
     res = shapes_eval.summarize([verdicts[r] for r in rows])
     if len(rows) >= 2:
@@ -209,7 +214,7 @@ def hook_results(trainer_task, params, tokenizer, eval_cfg: ml_collections.Confi
       if name in res:
         scalars[f"shapes_{split}/{name}"] = res[name]
   for split in dict.fromkeys(s for s, _ in prompts):
-    rows = [i for i, (s, _) in enumerate(prompts) for _ in range(k) if s == split]
+    rows = split_rows(prompts, k, split)
     grids[f"shapes_{split}"] = images[rows]
   return scalars, grids
 
