@@ -21,6 +21,14 @@ from jaxt2i.parallel import partitioning
 from jaxt2i.training.state import TrainState
 
 _ARRAY_ITEMS = ("params", "opt_state", "ema_params", "counters")
+_JSON_ITEMS = ("config", "data_position")
+
+
+def _item_handlers() -> dict[str, Any]:
+  """A handler per item this layout writes, so a manager in a fresh process reads their
+  metadata without guessing (orbax warns about every item it has no handler for)."""
+  return {**{name: ocp.StandardCheckpointHandler() for name in _ARRAY_ITEMS},
+          **{name: ocp.JsonCheckpointHandler() for name in _JSON_ITEMS}}
 
 
 class CheckpointError(RuntimeError):
@@ -39,7 +47,8 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         # Temporary directories of saves interrupted by a kill are removed at start-up.
         cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_handlers=_item_handlers())
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
