@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 # Re-exported: the benchmarks call them as harness.time_fn, harness.matmul_ceiling, ...
 from jaxt2i.bench import Timing, environment, matmul_ceiling, on_accelerator, time_fn
 
 __all__ = ["Timing", "compile_seconds", "environment", "matmul_ceiling", "on_accelerator",
-           "record", "time_fn", "xla_flops"]
+           "reconstruction_quality", "record", "time_fn", "training_time", "xla_flops"]
 
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
@@ -38,6 +39,43 @@ def xla_flops(jitted, *args) -> float:
   cost = jitted.lower(*args).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", float("nan")))
+
+
+def training_time(workdir: Path) -> dict:
+  """A run's training time from its metrics.jsonl: steps / the median logged steps/s (so
+  compilation, evals and the pauses of a stopped or resumed run do not count)."""
+  lines = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  train = [l for l in lines if "train/loss" in l]
+  if not train:
+    raise ValueError(f"{workdir}/metrics.jsonl has no training lines")
+  rate = float(np.median([l["perf/steps_per_s"] for l in train]))
+  steps = max(l["step"] for l in train)
+  return {"steps": steps, "minutes": steps / rate / 60, "steps_per_s": rate}
+
+
+def reconstruction_quality(config, reconstruct, num_images: int, batch: int = 100) -> dict:
+  """A first stage's reconstructions of the first `num_images` shapes-v1 `test` images: mean
+  PSNR and the shapes-v1 score (the ceiling it leaves the second stage). `reconstruct` maps
+  float32 images in config.data.value_range to the same."""
+  from jaxt2i.data import shapes as shapes_data
+  from jaxt2i.eval import shapes as shapes_eval
+  size = config.data.image_size
+  records = [shapes_data.example("test", i, size) for i in range(num_images)]
+  images = np.stack([r["image"] for r in records])
+  low, high = config.data.value_range
+  recons = []
+  for start in range(0, num_images, batch):
+    x = np.asarray(images[start:start + batch], np.float32) / 255.0 * (high - low) + low
+    recon = np.clip(np.asarray(reconstruct(x), np.float32), low, high)
+    recons.append((recon - low) / (high - low))
+  recon = np.concatenate(recons)
+  mse = np.mean(np.square(recon - images / 255.0), axis=(1, 2, 3))
+  recon_uint8 = (recon * 255 + 0.5).clip(0, 255).astype(np.uint8)
+  scorer = shapes_eval.load_evaluator(shapes_eval.nearest_evaluator_size(size))
+  score = scorer.score(recon_uint8, [r["caption"] for r in records])
+  return {"psnr": float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10)))),
+          "num_images": num_images, "reconstructions_fully_correct": score["fully_correct"],
+          "reconstructions_per_attribute": score["per_attribute"]}
 
 
 def record(name: str, command: str, markdown: str, data: dict) -> None:

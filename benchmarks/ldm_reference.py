@@ -26,49 +26,17 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import harness  # noqa: E402
-from jaxt2i.data import shapes as shapes_data  # noqa: E402
 from jaxt2i.eval import runner  # noqa: E402
-from jaxt2i.eval import shapes as shapes_eval  # noqa: E402
 
 
-def training_time(workdir: Path) -> dict:
-  """Training time from metrics.jsonl: the sum over log intervals of steps / steps-per-second
-  (eval hooks included, compilation and pauses between resumed processes not)."""
-  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  train = [l for l in lines if "train/loss" in l]
-  seconds, previous = 0.0, 0
-  for line in train:
-    seconds += (line["step"] - previous) / line["perf/steps_per_s"]
-    previous = line["step"]
-  return {"steps": train[-1]["step"], "minutes": seconds / 60,
-          "steps_per_s": float(np.median([l["perf/steps_per_s"] for l in train]))}
-
-
-def autoencoder_quality(workdir: Path, num_images: int, batch: int = 100) -> dict:
+def autoencoder_quality(workdir: Path, num_images: int) -> dict:
   """Reconstruction PSNR (posterior mean) on the first `num_images` shapes-v1 test images, and
   the shapes-v1 score of the reconstructions."""
-  config, task, params = runner.load_run(workdir, ema=False)
-  size = config.data.image_size
-  records = [shapes_data.example("test", i, size) for i in range(num_images)]
-  images = np.stack([r["image"] for r in records])
-  low, high = config.data.value_range
+  _, task, params = runner.load_run(workdir, ema=False)
   recon_fn = jax.jit(lambda p, x: task.reconstruct(p, x)[0])
-  recons = []
-  for start in range(0, num_images, batch):
-    x = jnp.asarray(images[start:start + batch], jnp.float32) / 255.0 * (high - low) + low
-    recon = jnp.clip(recon_fn(params, x).astype(jnp.float32), low, high)
-    recons.append(np.asarray((recon - low) / (high - low)))
-  recon = np.concatenate(recons)
-  mse = np.mean(np.square(recon - images / 255.0), axis=(1, 2, 3))
-  recon_uint8 = (recon * 255 + 0.5).clip(0, 255).astype(np.uint8)
-  scorer = shapes_eval.load_evaluator(shapes_eval.nearest_evaluator_size(size))
-  score = scorer.score(recon_uint8, [r["caption"] for r in records])
-  return {"psnr": float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10)))),
-          "num_images": num_images, "reconstructions_fully_correct": score["fully_correct"]}
+  return harness.reconstruction_quality(task.config, lambda x: recon_fn(params, x), num_images)
 
 
 def main():
@@ -84,8 +52,8 @@ def main():
   args = parser.parse_args()
   ae_dir, ldm_dir = Path(args.autoencoder), Path(args.ldm)
 
-  ae = {**autoencoder_quality(ae_dir, args.num_images), **training_time(ae_dir)}
-  ldm_time = training_time(ldm_dir)
+  ae = {**autoencoder_quality(ae_dir, args.num_images), **harness.training_time(ae_dir)}
+  ldm_time = harness.training_time(ldm_dir)
   evals = {}
   settings = [("guided", {})] + ([("unguided", {"guidance_scale": 1.0})] if args.unguided else [])
   for name, sampling in settings:

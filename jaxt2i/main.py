@@ -93,13 +93,19 @@ def _train(argv: list[str]) -> None:
     if flags.FLAGS.verbosity <= 0:
       logging.getLogger("absl").setLevel(logging.WARNING)
     from jaxt2i.training import config as config_lib
-    from jaxt2i.training.trainer import train_and_evaluate
+    from jaxt2i.training.trainer import Preempted, train_and_evaluate
     config = flags.FLAGS.config
     try:
       config_lib.validate(config)
     except config_lib.ConfigError as e:
       raise app.UsageError(str(e)) from None
-    train_and_evaluate(config, flags.FLAGS.workdir)
+    try:
+      train_and_evaluate(config, flags.FLAGS.workdir)
+    except Preempted as e:
+      # 128 + SIGTERM, as if the signal had ended the process: `&&` chains (make demo) and
+      # schedulers see an unfinished run, not a finished one.
+      print(f"jaxt2i train: {e}", file=sys.stderr)
+      sys.exit(128 + 15)
 
   try:
     app.run(main, argv=["jaxt2i train"] + argv)

@@ -1,8 +1,10 @@
 """The `jaxt2i` command end to end: build data, train, resume; help and errors."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -68,6 +70,23 @@ def test_build_train_resume(tmp_path):
                cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resuming from" in out.stderr + out.stdout and "step 8/8" in out.stderr + out.stdout
+  # SIGTERM (preemption): a checkpoint, then exit status 143 so `&&` chains and schedulers
+  # see an unfinished run.
+  env = worker_env(2)
+  env["JAXT2I_DATA_DIR"] = str(data_dir)
+  proc = subprocess.Popen([sys.executable, "-m", "jaxt2i", *map(str, args[:-3]),
+                           "--config.train.num_steps=100000", "--config.train.log_every=1"],
+                          env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 200
+  while '"step": 10,' not in (workdir / "metrics.jsonl").read_text() and time.time() < deadline:
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  log = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 143, log[-3000:]
+  assert "jaxt2i train: preempted at step" in log and "the same command resumes" in log
+  assert "Traceback" not in log
 
 
 def test_launch_local_dry_run():

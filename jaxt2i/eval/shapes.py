@@ -297,6 +297,12 @@ def _train_evaluator(directory: epath.Path, image_size: int, force: bool,
   finally:
     trainer.writer.close()
     trainer.checkpointer.close()
+  step = int(jax.device_get(state.step))
+  if step < config.train.num_steps:
+    # Stopped by SIGTERM: no evaluator.json, so nothing scores with a half-trained evaluator.
+    raise RuntimeError(f"the shapes-v1 evaluator's training in {directory} stopped at step "
+                       f"{step} of {config.train.num_steps}; it resumes from there the next "
+                       "time an evaluator is needed")
   scorer = ShapesScorer(jax.device_get(state.params), config, directory)
   calibration = {split: calibrate(scorer, split, calibration_images)
                  for split in ("test", "test_heldout")}

@@ -50,6 +50,11 @@ class TrainingDivergedError(RuntimeError):
   """Too many consecutive steps had to be skipped."""
 
 
+class Preempted(RuntimeError):
+  """train_and_evaluate stopped early on SIGTERM / a preemption notice, after writing a
+  checkpoint; the same command resumes from it."""
+
+
 class _PreemptionWatcher:
   """SIGTERM (TPU maintenance, SLURM time limit, spot reclaim) -> save and exit cleanly.
 
@@ -419,6 +424,7 @@ class Trainer:
         position = step * cfg.batch_size
       data_iter = iter(self.make_loader(source=self._source, start=position))
     watcher = _PreemptionWatcher()
+    self.preempted = False
     pending: list[dict[str, jax.Array]] = []
     previous_metrics = None
     last_log_time, last_log_step = time.perf_counter(), step
@@ -452,6 +458,7 @@ class Trainer:
           self._save(state, position)
           self.checkpointer.wait()
           logging.warning("preempted: checkpoint for step %d written; exiting", step)
+          self.preempted = True
           return state
         if self.checkpointer.due(step):
           self._save(state, position)
@@ -581,15 +588,21 @@ class Trainer:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """The CLI's `train`: start multi-host JAX if needed, then train or resume."""
+  """The CLI's `train`: start multi-host JAX if needed, then train or resume. Raises
+  Preempted when a SIGTERM stopped the run before its last step."""
   config_lib.validate(config)
   mesh_lib.initialize_distributed(config.distributed.to_dict())
   trainer = Trainer(config, workdir)
   try:
-    return trainer.train()
+    state = trainer.train()
   finally:
     trainer.writer.close()
     trainer.checkpointer.close()
+  if trainer.preempted:
+    raise Preempted(f"preempted at step {int(partitioning.fetch_replicated(state.step))} of "
+                    f"{config.train.num_steps}: checkpoint written to {workdir}/checkpoints; "
+                    "the same command resumes from it")
+  return state
 
 
 def _replace_leaves(params: Any, updates: Mapping[str, Any], path: str = "") -> Any:
