@@ -96,7 +96,9 @@ def main():
           f"PSNR **{dvae['psnr']:.2f} dB**; code perplexity {dvae['perplexity']:.1f} of "
           f"{dvae['vocab_size']}, {100 * dvae['dead_codes']:.1f}% of codes unused; the "
           f"reconstructions score {dvae['reconstructions_fully_correct']:.3f} fully correct "
-          "(the ceiling the tokens leave the transformer)."]
+          "(the ceiling the tokens leave the transformer; colour / shape "
+          f"{dvae['reconstructions_per_attribute']['color']:.3f} / "
+          f"{dvae['reconstructions_per_attribute']['shape']:.3f})."]
 
   if clip_dir is not None:
     clip = {**last_eval(clip_dir), **harness.training_time(clip_dir)}
