@@ -179,6 +179,12 @@ def test_convert_to_diffusers(ldm_run, tmp_path, capsys):
   ours = task.autoencoder.apply({"params": params["autoencoder"]}, latents, method="decode")
   np.testing.assert_allclose(np.asarray(ours), theirs.transpose(0, 2, 3, 1),
                              atol=1e-4 * np.abs(theirs).max())
+  # A U-Net with coordinates appended to its input has no diffusers counterpart.
+  from jaxt2i.convert.to_diffusers import save_diffusers
+  with config.unlocked():
+    config.model.position_channels = True
+  with pytest.raises(ValueError, match="position_channels"):
+    save_diffusers(config, type(task)(config), params, tmp_path / "coords")
 
 
 @pytest.mark.slow  # ~2 min on 2 cores: compiling the ControlNet step and the sampler

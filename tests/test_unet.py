@@ -255,6 +255,27 @@ def test_bfloat16_compute_close_to_float32():
   assert np.abs(half - full).max() < 0.05 * np.abs(full).max()
 
 
+def test_position_channels_extend_conv_in():
+  model, inputs, _, params = _tiny()
+  coord = model.clone(position_channels=True)
+  shapes = jax.eval_shape(coord.init, jax.random.key(0), *inputs)["params"]
+  kernel = params["conv_in"]["kernel"]
+  assert partitioning.unbox(shapes)["conv_in"]["kernel"].shape == \
+      kernel.shape[:2] + (kernel.shape[2] + 2,) + kernel.shape[3:]
+  # Zero weights on the coordinates: the model without them (how a trained U-Net grows them).
+  grown = {**params, "conv_in": {**params["conv_in"], "kernel": jnp.concatenate(
+      [kernel, jnp.zeros(kernel.shape[:2] + (2,) + kernel.shape[3:])], axis=2)}}
+  apply = jax.jit(coord.apply)
+  zero_weights = apply({"params": grown}, *inputs)
+  np.testing.assert_allclose(zero_weights, jax.jit(model.apply)({"params": params}, *inputs),
+                             atol=1e-6)
+  # Weights there change the output.
+  rng = np.random.default_rng(0)
+  grown["conv_in"]["kernel"] = grown["conv_in"]["kernel"].at[:, :, -2:].set(
+      jnp.asarray(rng.standard_normal(kernel.shape[:2] + (2,) + kernel.shape[3:]), jnp.float32))
+  assert np.abs(apply({"params": grown}, *inputs) - zero_weights).max() > 1e-3
+
+
 def test_bad_state_dicts_are_named():
   model = unet.variant("tiny")
   layout = diffusers_unet.expected_layout(model)

@@ -91,6 +91,9 @@ def save_diffusers(config: Any, task: Any, params: Any, out: str | os.PathLike) 
   parts = ["unet", "vae", "scheduler"]
 
   unet = task.unet
+  if unet.position_channels:
+    raise ValueError("this run's U-Net has position_channels (coordinates appended to "
+                     "conv_in's input), which diffusers' UNet2DConditionModel cannot express")
   latent_size = task.latent_shape()[0]
   unet_config = {key: getattr(unet, key) for key in UNET_FIELDS}
 

@@ -83,7 +83,7 @@ class ControlNet(UNet):
                        f"{sample.shape}, got {controlnet_cond.shape}")
     heads, _, t_layers, s = self._blocks()
     temb, context = self._embed(timesteps, encoder_hidden_states, sample.shape[0])
-    x = layers.conv(channels[0], 3, self.dtype, "conv_in", padding=1)(sample.astype(self.dtype))
+    x = self._conv_in(sample)
     x = x + ConditioningEmbedding(channels[0], tuple(self.conditioning_embedding_out_channels),
                                   self.dtype, name="controlnet_cond_embedding")(
                                       controlnet_cond.astype(self.dtype))

@@ -252,7 +252,24 @@ class UNet(nn.Module):
   # add_embedding's input width: text_embeds' width + len(time_ids) * addition_time_embed_dim
   # (SDXL base: 1280 + 6 * 256 = 2816).
   projection_class_embeddings_input_dim: int | None = None
+  # Not in diffusers: append each latent pixel's (x, y), from -1 to 1, to the input channels
+  # of conv_in (CoordConv). Convolutions see absolute position only through the zero padding
+  # at the borders, which the interior learns slowly; captions that name places need it.
+  # The coordinates' conv_in weights set to zero give the model without them.
+  position_channels: bool = False
   dtype: Any = jnp.float32                   # compute dtype; params stay float32
+
+  def _conv_in(self, sample: jax.Array) -> jax.Array:
+    """conv_in of the latents (and, with position_channels, their coordinates)."""
+    x = sample.astype(self.dtype)
+    if self.position_channels:
+      batch, height, width, _ = x.shape
+      ys, xs = jnp.meshgrid(jnp.linspace(-1.0, 1.0, height), jnp.linspace(-1.0, 1.0, width),
+                            indexing="ij")
+      coords = jnp.broadcast_to(jnp.stack([xs, ys], axis=-1).astype(x.dtype),
+                                (batch, height, width, 2))
+      x = jnp.concatenate([x, coords], axis=-1)
+    return layers.conv(self.block_out_channels[0], 3, self.dtype, "conv_in", padding=1)(x)
 
   def _check(self, sample, encoder_hidden_states) -> None:
     n = len(self.block_out_channels)
@@ -367,7 +384,7 @@ class UNet(nn.Module):
     heads, num_layers, t_layers, s = self._blocks()
     temb, context = self._embed(timesteps, encoder_hidden_states, sample.shape[0], text_embeds,
                                 time_ids)
-    x = layers.conv(channels[0], 3, self.dtype, "conv_in", padding=1)(sample.astype(self.dtype))
+    x = self._conv_in(sample)
     x, skips = self._encode(x, temb, context, deterministic)
 
     if down_block_additional_residuals is not None:

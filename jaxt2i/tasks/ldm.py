@@ -129,6 +129,9 @@ class LatentDiffusionTask(Task):
     m.transformer_layers_per_block = 1
     m.use_linear_projection = True
     m.norm_num_groups = 32
+    # Append each latent pixel's (x, y) to conv_in's input (models/unet.py): absolute position
+    # for captions that name places. Not a diffusers U-Net field (no export with it).
+    m.position_channels = False
     m.attention_implementation = "auto"
     m.remat_policy = ""              # U-Net / ControlNet remat: "" | full | dots | dots_no_batch
     # Diffusion.
@@ -379,7 +382,7 @@ class LatentDiffusionTask(Task):
                 up_block_types=tuple(m.up_block_types), attention_head_dim=m.attention_head_dim,
                 cross_attention_dim=m.text_width, use_linear_projection=m.use_linear_projection,
                 transformer_layers_per_block=m.transformer_layers_per_block,
-                norm_num_groups=m.norm_num_groups,
+                norm_num_groups=m.norm_num_groups, position_channels=m.position_channels,
                 attention_implementation=m.attention_implementation,
                 remat_policy=m.remat_policy, dtype=self.compute_dtype)
 
