@@ -104,8 +104,9 @@ def main():
   data = {"autoencoder": ae, "ldm_time": ldm_time,
           "evals": {k: {"sampling": v["sampling"], "splits": v["splits"]} for k, v in
                     evals.items()}, "load_average": os.getloadavg()[0]}
-  harness.record("ldm_reference", "python benchmarks/ldm_reference.py --autoencoder "
-                 f"{ae_dir} --ldm {ldm_dir}", md, data)
+  command = f"python benchmarks/ldm_reference.py --autoencoder {ae_dir} --ldm {ldm_dir}"
+  command += " --unguided" if args.unguided else ""
+  harness.record("ldm_reference", command, md, data)
 
 
 if __name__ == "__main__":
