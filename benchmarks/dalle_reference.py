@@ -136,8 +136,7 @@ def main():
     for name, res in evals.items():
       for split in ("test", "test_heldout"):
         r = res["splits"][split]
-        per = " / ".join(f"{r['per_attribute'][k]:.3f}" for k in ("color", "shape", "size",
-                                                                   "place", "count"))
+        per = harness.attribute_cells(r)
         how = (f"best of {args.num_candidates} by CLIP" if name == "reranked" else "one draw")
         rows.append(f"| {split} | {how} | {r['num_images']} | **{r['fully_correct']:.3f}** | "
                     f"{per} | {r['frechet_distance']:.3g} |")

@@ -18,8 +18,9 @@ import numpy as np
 # Re-exported: the benchmarks call them as harness.time_fn, harness.matmul_ceiling, ...
 from jaxt2i.bench import Timing, environment, matmul_ceiling, on_accelerator, time_fn
 
-__all__ = ["Timing", "compile_seconds", "environment", "matmul_ceiling", "on_accelerator",
-           "reconstruction_quality", "record", "time_fn", "training_time", "xla_flops"]
+__all__ = ["Timing", "attribute_cells", "compile_seconds", "environment", "matmul_ceiling",
+           "on_accelerator", "reconstruction_quality", "record", "time_fn", "training_time",
+           "xla_flops"]
 
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
@@ -76,6 +77,13 @@ def reconstruction_quality(config, reconstruct, num_images: int, batch: int = 10
   return {"psnr": float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10)))),
           "num_images": num_images, "reconstructions_fully_correct": score["fully_correct"],
           "reconstructions_per_attribute": score["per_attribute"]}
+
+
+def attribute_cells(result: dict) -> str:
+  """A shapes-v1 split result's per-attribute accuracies for a table cell, in a fixed order:
+  colour / shape / size / place / count."""
+  return " / ".join(f"{result['per_attribute'][k]:.3f}"
+                    for k in ("color", "shape", "size", "place", "count"))
 
 
 def record(name: str, command: str, markdown: str, data: dict) -> None:

@@ -72,8 +72,7 @@ def main():
     s = res["sampling"]
     for split in ("test", "test_heldout"):
       r = res["splits"][split]
-      per = " / ".join(f"{r['per_attribute'][k]:.3f}" for k in ("color", "shape", "size",
-                                                                 "place", "count"))
+      per = harness.attribute_cells(r)
       rows.append(f"| {split} | {s['guidance_scale']:g} | {r['num_images']} | "
                   f"**{r['fully_correct']:.3f}** | {per} | {r['frechet_distance']:.3g} |")
   goal_test = evals["guided"]["splits"]["test"]["fully_correct"]
