@@ -117,15 +117,18 @@ def main():
     stages.append(f"| transformer ({model['depth']} x {model['width']}, sparse attention) | "
                   f"{dalle_time['steps']} | {dalle_time['steps_per_s']:.2f} | "
                   f"{dalle_time['minutes']:.0f} min |")
-    settings = [("sampled", {})]
-    if model.get("clip_workdir") or model.get("clip"):
-      settings.append(("reranked", {"num_candidates": args.num_candidates}))
+    # Reranked by --clip when given (CLIP may be trained after the transformer), else by the
+    # CLIP the run was trained with, if any.
+    settings = [("sampled", {}, None)]
+    if clip_dir is not None or model.get("clip_workdir") or model.get("clip"):
+      settings.append(("reranked", {"num_candidates": args.num_candidates},
+                       str(clip_dir) if clip_dir is not None else None))
     evals = {}
-    for name, sampling in settings:
+    for name, sampling, reranker in settings:
       evals[name] = runner.evaluate_workdir(dalle_dir, num_prompts=args.num_prompts,
                                             samples_per_prompt=args.samples_per_prompt,
                                             out_dir=dalle_dir / f"eval_{name}",
-                                            sampling=sampling)
+                                            sampling=sampling, clip_workdir=reranker)
     data["evals"] = {k: {"sampling": v["sampling"], "splits": v["splits"]}
                      for k, v in evals.items()}
     best = "reranked" if "reranked" in evals else "sampled"

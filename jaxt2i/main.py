@@ -171,6 +171,9 @@ def _autoregressive_flags(parser: argparse.ArgumentParser) -> None:
                       help="DALL-E: nucleus sampling mass (1: off)")
   parser.add_argument("--num_candidates", type=int, default=None,
                       help="DALL-E with CLIP: images drawn per prompt, the CLIP-best kept")
+  parser.add_argument("--clip_workdir", default=None,
+                      help="DALL-E: a CLIP run (configs/clip_shapes.py) that ranks the "
+                      "candidates (default: the one the run was trained with, if any)")
 
 
 def _eval(argv: list[str]) -> None:
@@ -235,7 +238,8 @@ def _eval(argv: list[str]) -> None:
       results = runner.evaluate_workdir(args.workdir, num_prompts=args.num_prompts,
                                         samples_per_prompt=args.samples_per_prompt,
                                         seed=args.seed, out_dir=args.out,
-                                        cache_dir=args.cache_dir, sampling=sampling)
+                                        cache_dir=args.cache_dir, sampling=sampling,
+                                        clip_workdir=args.clip_workdir)
       out = args.out or args.workdir
       print(runner.main_summary(results))
       print(f"report: {out}/index.html  numbers: {out}/eval.json")
@@ -289,7 +293,7 @@ def _sample(argv: list[str]) -> None:
 
     import jaxt2i
     from jaxt2i.training.metrics import image_grid
-    pipe = jaxt2i.load(args.workdir)
+    pipe = jaxt2i.load(args.workdir, clip_workdir=args.clip_workdir)
     images = pipe(args.prompt, num_images_per_prompt=args.num_images, seed=args.seed,
                   steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
                   negative_prompt=args.negative_prompt, output="np",

@@ -50,10 +50,11 @@ def tiny_dalle(dvae_dir, tok, **overrides):
 
 
 @pytest.fixture(scope="module")
-def dalle_run(tmp_path_factory, dvae_dir, clip_dir, tok):
+def dalle_run(tmp_path_factory, dvae_dir, tok):
+  """Trained without CLIP: tests attach one when loading (as a user who trains CLIP later)."""
   workdir = tmp_path_factory.mktemp("dalle")
-  config = tiny_dalle(dvae_dir, tok, **{"model.clip_workdir": str(clip_dir)})
-  trainer, state = train_run(config, workdir, source=records(64, 32), tokenizer=tok)
+  trainer, state = train_run(tiny_dalle(dvae_dir, tok), workdir, source=records(64, 32),
+                             tokenizer=tok)
   return workdir, trainer, state
 
 
@@ -70,20 +71,28 @@ def test_config_errors(dvae_dir, tok):
     task.initial_values()
 
 
-def test_trains_with_frozen_parts(dalle_run, dvae_dir, clip_dir):
+def run_weights(run):
+  """A run's weights as its frozen copies use them: EMA where the run kept it (not the dVAE)."""
+  ema = any((run / "checkpoints" / "4" / "ema_params").glob("*"))
+  return read_item(run, "ema_params" if ema else "params")[1]
+
+
+def assert_same_tree(original, copy, name):
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(original),
+                               jax.tree_util.tree_leaves_with_path(copy)):
+    np.testing.assert_array_equal(a, np.asarray(b), err_msg=name + jax.tree_util.keystr(path))
+
+
+def test_trains_with_frozen_parts(dalle_run, dvae_dir, clip_dir, tok):
   workdir, trainer, _ = dalle_run
   saved = json.loads((workdir / "config.json").read_text())
-  assert saved["model"]["dvae"]["task"] == "dvae"
-  assert saved["model"]["clip"]["task"] == "clip"
-  params = read_item(workdir, "params")[1]
-  for part, run, sub in (("dvae", dvae_dir, "dvae"), ("clip", clip_dir, None)):
-    # Frozen parts are their runs' EMA weights where the run kept them (not the dVAE's).
-    ema = any((run / "checkpoints" / "4" / "ema_params").glob("*"))
-    original = read_item(run, "ema_params" if ema else "params")[1]
-    original = original[sub] if sub else original
-    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(original),
-                                 jax.tree_util.tree_leaves_with_path(params[part])):
-      np.testing.assert_array_equal(a, b, err_msg=part + jax.tree_util.keystr(path))
+  assert saved["model"]["dvae"]["task"] == "dvae" and not saved["model"]["clip"]
+  assert_same_tree(run_weights(dvae_dir)["dvae"], read_item(workdir, "params")[1]["dvae"],
+                   "dvae")
+  # Trained with a CLIP run, its weights start the run (frozen) and its config is copied.
+  task = get_task(tiny_dalle(dvae_dir, tok, **{"model.clip_workdir": str(clip_dir)}))
+  assert_same_tree(run_weights(clip_dir), task.initial_values()["clip"], "clip")
+  assert task.config.model.clip.task == "clip" and task.frozen_keys == ("dvae", "clip")
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   losses = [l["train/loss"] for l in lines if "train/loss" in l]
   assert len(losses) == 4 and all(np.isfinite(losses))
@@ -91,8 +100,8 @@ def test_trains_with_frozen_parts(dalle_run, dvae_dir, clip_dir):
   assert abs(lines[0]["train/image_loss"] - np.log(64)) < 1.0
 
 
-def test_pipeline_samples_and_reranks(dalle_run):
-  workdir, trainer, _ = dalle_run
+def test_pipeline_samples_and_reranks(dalle_run, dvae_dir, clip_dir):
+  workdir, _, _ = dalle_run
   pipe = jaxt2i.load(workdir)
   prompts = ["a small red circle in the top left", "a large blue square at the bottom"]
   a = pipe(prompts, num_images_per_prompt=2, seed=0, output="np")
@@ -110,8 +119,16 @@ def test_pipeline_samples_and_reranks(dalle_run):
   g0 = pipe(prompts, seed=0, top_k=1, output="np")
   np.testing.assert_array_equal(g0, pipe(prompts, seed=7, top_k=1, output="np"))
 
-  # Reranking: the K kept images are the CLIP-best of the N candidates, best first.
-  task = trainer.task
+  # Reranking needs a CLIP run; one trained after the transformer is attached when loading.
+  with pytest.raises(ValueError, match="attach a CLIP run when loading"):
+    pipe(prompts, num_candidates=4)
+  with pytest.raises(ConfigError, match="is a 'dvae' run, not 'clip'"):
+    jaxt2i.load(workdir, clip_workdir=str(dvae_dir))
+  pipe = jaxt2i.load(workdir, clip_workdir=str(clip_dir))
+  assert pipe.config.model.clip.task == "clip"
+  assert_same_tree(run_weights(clip_dir), pipe.params["clip"], "clip")
+  # The K kept images are the CLIP-best of the N candidates, best first.
+  task = pipe.task
   ranked = pipe(prompts, num_candidates=4, rerank=2, seed=5, output="np")
   assert ranked.shape == (4, 32, 32, 3)
   pool = pipe([p for p in prompts for _ in range(4)], seed=5, output="np")
@@ -139,3 +156,4 @@ def test_guidance_programs(dalle_run):
   pipe(prompts, seed=4, guidance_scale=3.0, output="np")
   assert pipe.num_compilations == 2  # one guided program for every scale and negative prompt
   assert plain.shape == guided.shape == (1, 32, 32, 3)
+

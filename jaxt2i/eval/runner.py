@@ -130,9 +130,10 @@ def evaluate_images(images: np.ndarray, prompts: Sequence[tuple[str, str]],
   return results, per_prompt
 
 
-def load_run(workdir: epath.PathLike, *, ema: bool = True):
+def load_run(workdir: epath.PathLike, *, ema: bool = True, clip_workdir: str | None = None):
   """(config, task, params) of a trained run: its config.json and latest checkpoint, plus the
-  task's constant subtrees (Task.constant_keys) from Task.initial_values."""
+  task's constant subtrees (Task.constant_keys) from Task.initial_values. `clip_workdir`
+  (DALL-E runs) attaches a CLIP run as the reranker (DalleTask.with_clip)."""
   from jaxt2i.parallel import partitioning
   from jaxt2i.tasks.base import get_task
   from jaxt2i.training import config as config_lib
@@ -154,19 +155,31 @@ def load_run(workdir: epath.PathLike, *, ema: bool = True):
   if constant:  # e.g. a LoRA run's base model, read from where the run read it
     values = task.constant_values()
     params = {**{k: values[k] for k in constant}, **params}
+  if clip_workdir:
+    if not hasattr(task, "with_clip"):
+      raise ValueError(f"clip_workdir={clip_workdir}: {config.task!r} runs do not rerank with "
+                       "CLIP (DALL-E runs do)")
+    params = task.with_clip(params, clip_workdir)
   return config, task, params
+
+
+# The config.model fields an eval report records as its sampling settings (those the task has).
+SAMPLING_FIELDS = ("sampler", "num_sampling_steps", "guidance_scale", "temperature", "top_k",
+                   "top_p", "num_candidates", "clip_workdir")
 
 
 def evaluate_workdir(workdir: epath.PathLike, *, num_prompts: int = 16,
                      samples_per_prompt: int = 4, seed: int = 0, out_dir: epath.PathLike | None = None,
                      cache_dir: str | None = None,
-                     sampling: dict[str, Any] | None = None) -> dict[str, Any]:
+                     sampling: dict[str, Any] | None = None,
+                     clip_workdir: str | None = None) -> dict[str, Any]:
   """Samples, scores and reports a trained run; writes eval.json + index.html to `out_dir`
   (default the workdir) and returns the results. `sampling` overrides config.model sampling
-  fields of the run (e.g. {"guidance_scale": 1.0, "num_sampling_steps": 50})."""
+  fields of the run (e.g. {"guidance_scale": 1.0, "num_sampling_steps": 50}); `clip_workdir`
+  reranks a DALL-E run with that CLIP run (see load_run)."""
   from jaxt2i.data import pipeline
   start = time.perf_counter()
-  config, task, params = load_run(workdir)
+  config, task, params = load_run(workdir, clip_workdir=clip_workdir)
   sampling = dict(sampling or {})
   unknown = sorted(set(sampling) - set(config.model.keys()))
   if unknown:
@@ -185,8 +198,7 @@ def evaluate_workdir(workdir: epath.PathLike, *, num_prompts: int = 16,
   splits, per_prompt = evaluate_images(images, prompts, samples_per_prompt, scorer)
   results = {"workdir": str(workdir), "task": config.task, "num_prompts": num_prompts,
              "samples_per_prompt": samples_per_prompt, "seed": seed,
-             "sampling": {k: config.model[k] for k in ("sampler", "num_sampling_steps",
-                                                       "guidance_scale") if k in config.model},
+             "sampling": {k: config.model[k] for k in SAMPLING_FIELDS if k in config.model},
              "evaluator": str(scorer.directory), "seconds": round(time.perf_counter() - start, 1),
              "splits": splits}
   page = report.write_report(out_dir or workdir, results, per_prompt,

@@ -171,6 +171,19 @@ class DalleTask(Task):
   def frozen_keys(self) -> tuple[str, ...]:
     return ("dvae", "clip") if self.clip_task is not None else ("dvae",)
 
+  def with_clip(self, params: PyTree, clip_workdir: str) -> PyTree:
+    """`params` with the CLIP run in `clip_workdir` as the reranker (replacing the run's own, if
+    it was trained with one): CLIP is independent of the transformer, so it may be trained
+    after it. Sets config.model.clip_workdir / clip in memory; checkpoints are untouched."""
+    m = self.config.model
+    self.__dict__.setdefault("_frozen", {}).pop("clip", None)
+    self.__dict__.pop("clip_task", None)
+    with self.config.unlocked():
+      m.clip_workdir, m.clip = str(clip_workdir), ml_collections.ConfigDict()
+    clip = self._load("clip", "clip")[1]
+    self._check_clip()
+    return {**params, "clip": clip}
+
   def initial_values(self) -> dict[str, PyTree]:
     values = {"dvae": self._load("dvae", "dvae")[1]["dvae"]}
     if self.config.model.clip_workdir:
@@ -257,8 +270,10 @@ class DalleTask(Task):
     if not 1 <= keep <= num_candidates:
       raise ValueError(f"keep={keep} must be in [1, num_candidates={num_candidates}]")
     if num_candidates > 1 and self.clip_task is None:
-      raise ValueError(f"num_candidates={num_candidates} needs a run trained with "
-                       "model.clip_workdir (a CLIP model ranks the candidates)")
+      raise ValueError(f"num_candidates={num_candidates} needs a CLIP model to rank the "
+                       "candidates: train the run with model.clip_workdir, or attach a CLIP "
+                       "run when loading (jaxt2i.load(workdir, clip_workdir=DIR), "
+                       "`--clip_workdir DIR`)")
     m = self.config.model
     model = self.transformer
     text = self.text_stream(tokens, mask)
