@@ -161,6 +161,29 @@ def test_schedule_matches_diffusers(kind, zero_snr, num_train_timesteps):
     np.testing.assert_allclose(ours.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["scaled_linear", "cosine"])
+def test_snr_shift_divides_every_snr(kind):
+  plain = schedules.make_schedule(kind, 1000)
+  shifted = schedules.make_schedule(kind, 1000, snr_shift=4.0)
+  a, b = (np.asarray(s.alphas_cumprod, np.float64) for s in (plain, shifted))
+  # (float32 abar near 1 at the first steps: 1 - abar carries ~1e-4 relative rounding)
+  np.testing.assert_allclose(b / (1 - b), a / (1 - a) / 16.0, rtol=1e-3)
+  assert (np.asarray(shifted.betas) > 0).all() and (np.asarray(shifted.betas) < 1).all()
+  # Then rescaled to zero terminal SNR; snr_shift 1 is the unshifted schedule.
+  both = schedules.make_schedule(kind, 1000, snr_shift=4.0, rescale_zero_terminal_snr=True)
+  assert float(both.alphas_cumprod[-1]) == 0.0
+  np.testing.assert_allclose(both.alphas_cumprod[0], shifted.alphas_cumprod[0], rtol=1e-6)
+  np.testing.assert_array_equal(schedules.make_schedule(kind, 1000, snr_shift=1.0).betas,
+                                plain.betas)
+
+
+@needs_diffusers
+def test_shifted_schedule_exports_as_diffusers_trained_betas():
+  ours = schedules.make_schedule("scaled_linear", 1000, snr_shift=3.0)
+  ref = DDIMScheduler(num_train_timesteps=1000, trained_betas=np.asarray(ours.betas).tolist())
+  np.testing.assert_allclose(ours.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=0, atol=1e-7)
+
+
 def test_cosine_alias_and_schedule_is_a_pytree():
   a = schedules.make_schedule("cosine", 100, prediction_type="v_prediction")
   b = schedules.make_schedule("squaredcos_cap_v2", 100, prediction_type="v_prediction")
@@ -178,6 +201,8 @@ def test_cosine_alias_and_schedule_is_a_pytree():
     (dict(kind="linear", num_train_timesteps=10.0), "num_train_timesteps"),
     (dict(kind="linear", beta_start=0.02, beta_end=0.01), "beta_start"),
     (dict(kind="scaled_linear", beta_end=1.0), "beta_start"),
+    (dict(kind="scaled_linear", snr_shift=0.0), "snr_shift"),
+    (dict(kind="scaled_linear", snr_shift=float("inf")), "snr_shift"),
 ])
 def test_make_schedule_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -131,7 +131,15 @@ def test_from_diffusers_errors(tmp_path):
       {"_class_name": "DPMSolverMultistepScheduler", "beta_schedule": "scaled_linear",
        "prediction_type": "v_prediction", "timestep_spacing": "trailing"})
   assert fields["sampler"] == "dpmpp_2m" and fields["prediction_type"] == "v_prediction"
-  assert fields["timestep_spacing"] == "trailing"
+  assert fields["timestep_spacing"] == "trailing" and fields["snr_shift"] == 1.0
+  # Explicit betas: a shifted schedule (as save_diffusers writes one) is recognised; others not.
+  from jaxt2i.diffusion import schedules
+  config = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+  betas = np.asarray(schedules.make_schedule("scaled_linear", snr_shift=3.0).betas)
+  fields = diffusers_pipeline.scheduler_fields({**config, "trained_betas": betas.tolist()})
+  assert fields["snr_shift"] == pytest.approx(3.0, rel=1e-4)
+  with pytest.raises(ValueError, match="trained_betas are not a scaled_linear schedule"):
+    diffusers_pipeline.scheduler_fields({**config, "trained_betas": (betas * 1.1).tolist()})
 
 
 def test_to_diffusers_round_trip(tmp_path):
@@ -163,6 +171,19 @@ def test_to_diffusers_round_trip(tmp_path):
     after = loaded(["a red circle"], num_inference_steps=3, latents=latents,
                    output_type="np").images
   np.testing.assert_allclose(after, before, atol=1e-5)
+  # A shifted noise schedule (model.snr_shift) leaves as diffusers' trained_betas and comes back.
+  from jaxt2i.convert import diffusers_pipeline
+  from jaxt2i.diffusion import schedules
+  with pipe.config.unlocked():
+    pipe.config.model.snr_shift = 2.0
+  pipe.save_diffusers(tmp_path / "shifted")
+  theirs = diffusers.DDIMScheduler.from_pretrained(tmp_path / "shifted" / "scheduler")
+  m = pipe.config.model
+  ours = schedules.make_schedule(m.schedule, m.num_train_timesteps, m.beta_start, m.beta_end,
+                                 snr_shift=2.0)
+  np.testing.assert_allclose(theirs.alphas_cumprod.numpy(), ours.alphas_cumprod, atol=1e-7)
+  read = json.loads((tmp_path / "shifted" / "scheduler" / "scheduler_config.json").read_text())
+  assert diffusers_pipeline.scheduler_fields(read)["snr_shift"] == pytest.approx(2.0, rel=1e-4)
 
 
 def _fixed_randomness(monkeypatch, module, noise):

@@ -23,6 +23,7 @@ from typing import Any
 
 
 from jaxt2i.convert import diffusers_sdxl
+from jaxt2i.diffusion import schedules
 from jaxt2i.tasks.sdxl import StableDiffusionXLTask
 from jaxt2i.convert.diffusers_controlnet import controlnet_config_from_diffusers, \
     load_diffusers_controlnet
@@ -49,22 +50,28 @@ def _read_json(path: str) -> dict[str, Any]:
 
 def scheduler_fields(config: dict[str, Any]) -> dict[str, Any]:
   """LatentDiffusionTask model fields from a diffusers scheduler config."""
-  if config.get("trained_betas") is not None:
-    raise ValueError("scheduler config: trained_betas (explicit betas) are not supported")
   kind = config.get("beta_schedule", "linear")
   if kind not in _SCHEDULES:
     raise ValueError(f"scheduler config: beta_schedule={kind!r} is not supported (supported: "
                      f"{sorted(_SCHEDULES)})")
+  num_train_timesteps = int(config.get("num_train_timesteps", 1000))
+  beta_start, beta_end = (float(config.get("beta_start", 0.0001)),
+                          float(config.get("beta_end", 0.02)))
+  snr_shift = 1.0
+  if config.get("trained_betas") is not None:  # as jaxt2i exports a shifted schedule
+    try:
+      snr_shift = schedules.infer_snr_shift(config["trained_betas"], _SCHEDULES[kind],
+                                            num_train_timesteps, beta_start, beta_end)
+    except ValueError as e:
+      raise ValueError(f"scheduler config: trained_betas: {e}") from None
   name = config.get("_class_name", "DDIMScheduler")
   sampler = _SAMPLERS.get(name)
   if sampler is None:
     log.warning("scheduler %s is not implemented in jaxt2i; sampling with DDIM on the same "
                 "noise schedule (pass sampler='dpmpp_2m' or 'ddpm' to choose another)", name)
     sampler = "ddim"
-  return {"schedule": _SCHEDULES[kind],
-          "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
-          "beta_start": float(config.get("beta_start", 0.0001)),
-          "beta_end": float(config.get("beta_end", 0.02)),
+  return {"schedule": _SCHEDULES[kind], "num_train_timesteps": num_train_timesteps,
+          "beta_start": beta_start, "beta_end": beta_end, "snr_shift": snr_shift,
           "prediction_type": config.get("prediction_type", "epsilon"),
           "rescale_zero_terminal_snr": bool(config.get("rescale_betas_zero_snr", False)),
           "sampler": sampler,

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from jaxt2i.convert import diffusers_unet, diffusers_vae, transformers_clip
+from jaxt2i.diffusion import schedules
 from jaxt2i.convert.diffusers_unet import _FIELD_DEFAULTS as UNET_FIELDS
 from jaxt2i.convert.state_dict import to_state_dict
 
@@ -124,6 +125,12 @@ def save_diffusers(config: Any, task: Any, params: Any, out: str | os.PathLike) 
       "beta_schedule": _BETA_SCHEDULES[m.schedule], "prediction_type": m.prediction_type,
       "rescale_betas_zero_snr": m.rescale_zero_terminal_snr, "clip_sample": False,
       "steps_offset": m.steps_offset, "trained_betas": None}
+  if m.snr_shift != 1.0:
+    # diffusers has no SNR shift: the shifted betas, which it rescales (rescale_betas_zero_snr)
+    # after, as make_schedule does.
+    scheduler_config["trained_betas"] = np.asarray(schedules.make_schedule(
+        m.schedule, m.num_train_timesteps, m.beta_start, m.beta_end,
+        snr_shift=m.snr_shift).betas).tolist()
   if m.timestep_spacing:
     scheduler_config["timestep_spacing"] = m.timestep_spacing
   if scheduler == "DDIMScheduler":

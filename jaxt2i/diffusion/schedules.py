@@ -55,6 +55,27 @@ class Schedule:
     _check_prediction_type(self.prediction_type)
 
 
+def infer_snr_shift(trained_betas, kind: str, num_train_timesteps: int, beta_start: float,
+                    beta_end: float) -> float:
+  """The `snr_shift` s for which make_schedule(kind, ..., snr_shift=s) has these betas (as
+  diffusers' `trained_betas` carry an exported shifted schedule); ValueError for other betas."""
+  betas = np.asarray(trained_betas, np.float64)
+  if betas.shape != (num_train_timesteps,):
+    raise ValueError(f"trained_betas has shape {betas.shape}, expected ({num_train_timesteps},)")
+  base = make_schedule(kind, num_train_timesteps, beta_start, beta_end)
+  a = np.asarray(base.alphas_cumprod, np.float64)
+  b = np.cumprod(1.0 - betas)
+  middle = slice(num_train_timesteps // 4, 3 * num_train_timesteps // 4)
+  shift = float(np.sqrt(np.median((a / (1 - a))[middle] / (b / (1 - b))[middle])))
+  if not 0.0 < shift < math.inf:
+    raise ValueError("trained_betas are not a shifted schedule")
+  rebuilt = make_schedule(kind, num_train_timesteps, beta_start, beta_end, snr_shift=shift)
+  if not np.allclose(rebuilt.betas, betas, rtol=1e-3, atol=1e-6):
+    raise ValueError(f"trained_betas are not a {kind} schedule with shifted SNRs "
+                     "(other explicit betas are not supported)")
+  return round(shift, 6)
+
+
 def _check_prediction_type(prediction_type: str) -> None:
   if prediction_type not in PREDICTION_TYPES:
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
@@ -88,9 +109,17 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
   return 1.0 - alphas
 
 
+def _shift_snr(betas: np.ndarray, shift: float) -> np.ndarray:
+  """The betas whose abar' has SNR' = SNR / shift^2 at every t (float64):
+  abar' = abar / (abar + shift^2 (1 - abar))."""
+  alphas_bar = np.cumprod(1.0 - betas)
+  shifted = alphas_bar / (alphas_bar + shift**2 * (1.0 - alphas_bar))
+  return 1.0 - np.concatenate([shifted[:1], shifted[1:] / shifted[:-1]])
+
+
 def make_schedule(kind: str, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
                   beta_end: float = 0.012, prediction_type: str = "epsilon",
-                  rescale_zero_terminal_snr: bool = False) -> Schedule:
+                  rescale_zero_terminal_snr: bool = False, snr_shift: float = 1.0) -> Schedule:
   """Builds a `Schedule` equal to diffusers' `betas` / `alphas_cumprod` for the same settings.
 
   Args:
@@ -103,6 +132,11 @@ def make_schedule(kind: str, num_train_timesteps: int = 1000, beta_start: float 
     prediction_type: what the model predicts: "epsilon" | "sample" | "v_prediction".
     rescale_zero_terminal_snr: rescale to abar_{T-1} = 0 (Lin et al. 2023, Algorithm 1); pair it
       with "v_prediction", since an epsilon model cannot recover x_0 from pure noise.
+    snr_shift: s > 0; every timestep's signal-to-noise ratio abar / (1 - abar) is divided by
+      s^2 (before any zero-terminal-SNR rescale): the resolution shift of Hoogeboom et al. 2023
+      ("simple diffusion", section 3.1) and Esser et al. 2024 (SD3, section 5.3.2). A schedule
+      tuned for 64x64 latents leaves small or sparse images recognisable at its noisiest
+      timestep; s > 1 moves training and sampling towards noise that hides them. 1 = off.
 
   Returns:
     The schedule. Betas are computed in float64 and cast to float32; alphas_cumprod is the float64
@@ -119,6 +153,9 @@ def make_schedule(kind: str, num_train_timesteps: int = 1000, beta_start: float 
     raise ValueError(f"num_train_timesteps must be in [2, {MAX_TRAIN_TIMESTEPS}], "
                      f"got {num_train_timesteps}")
   _check_prediction_type(prediction_type)
+  if isinstance(snr_shift, bool) or not (isinstance(snr_shift, (int, float, np.floating))
+                                         and 0.0 < snr_shift < math.inf):
+    raise ValueError(f"snr_shift must be a positive number, got {snr_shift!r}")
   t = int(num_train_timesteps)
   if kind in ("linear", "scaled_linear"):
     if not 0.0 < beta_start <= beta_end < 1.0:
@@ -133,6 +170,8 @@ def make_schedule(kind: str, num_train_timesteps: int = 1000, beta_start: float 
   else:
     raise ValueError(f"unknown schedule kind {kind!r}; expected one of {SCHEDULE_KINDS} "
                      "(or 'squaredcos_cap_v2')")
+  if snr_shift != 1.0:
+    betas = _shift_snr(betas, snr_shift)
   if rescale_zero_terminal_snr:
     betas = _rescale_zero_terminal_snr(betas)
   betas32 = betas.astype(np.float32)

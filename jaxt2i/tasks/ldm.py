@@ -141,6 +141,9 @@ class LatentDiffusionTask(Task):
     m.beta_end = 0.012
     m.prediction_type = "epsilon"    # epsilon | sample | v_prediction
     m.rescale_zero_terminal_snr = False
+    # Divide every timestep's SNR by snr_shift^2 (diffusion/schedules.make_schedule): for small
+    # latents, whose objects the unshifted schedule never fully hides. 1 = off.
+    m.snr_shift = 1.0
     m.loss_weighting = "uniform"     # uniform | min_snr
     m.snr_gamma = 5.0
     m.caption_dropout = 0.1          # classifier-free guidance training
@@ -332,7 +335,8 @@ class LatentDiffusionTask(Task):
     m = self.config.model
     return schedules.make_schedule(m.schedule, m.num_train_timesteps, m.beta_start, m.beta_end,
                                    prediction_type=m.prediction_type,
-                                   rescale_zero_terminal_snr=m.rescale_zero_terminal_snr)
+                                   rescale_zero_terminal_snr=m.rescale_zero_terminal_snr,
+                                   snr_shift=m.snr_shift)
 
   @property
   def tokenized_unconditional(self) -> bool:
