@@ -193,6 +193,8 @@ def _eval(argv: list[str]) -> None:
     parser.add_argument("--num_prompts", type=int, default=16, help="prompts per split")
     parser.add_argument("--samples_per_prompt", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint_step", type=int, default=None,
+                        help="a kept checkpoint's step (default: the latest)")
     parser.add_argument("--out", default=None, help="report directory (default: the workdir)")
     parser.add_argument("--guidance_scale", type=float, default=None,
                         help="diffusion: classifier-free guidance scale (default: the run's "
@@ -239,7 +241,7 @@ def _eval(argv: list[str]) -> None:
                                         samples_per_prompt=args.samples_per_prompt,
                                         seed=args.seed, out_dir=args.out,
                                         cache_dir=args.cache_dir, sampling=sampling,
-                                        clip_workdir=args.clip_workdir)
+                                        clip_workdir=args.clip_workdir, step=args.checkpoint_step)
       out = args.out or args.workdir
       print(runner.main_summary(results))
       print(f"report: {out}/index.html  numbers: {out}/eval.json")
@@ -280,6 +282,8 @@ def _sample(argv: list[str]) -> None:
   parser.add_argument("--out", default="samples.png")
   parser.add_argument("--num_images", type=int, default=4, help="images per prompt")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--checkpoint_step", type=int, default=None,
+                      help="a kept checkpoint's step (default: the latest)")
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--guidance_scale", type=float, default=None)
   parser.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpmpp_2m"])
@@ -293,7 +297,7 @@ def _sample(argv: list[str]) -> None:
 
     import jaxt2i
     from jaxt2i.training.metrics import image_grid
-    pipe = jaxt2i.load(args.workdir, clip_workdir=args.clip_workdir)
+    pipe = jaxt2i.load(args.workdir, clip_workdir=args.clip_workdir, step=args.checkpoint_step)
     images = pipe(args.prompt, num_images_per_prompt=args.num_images, seed=args.seed,
                   steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
                   negative_prompt=args.negative_prompt, output="np",

@@ -54,12 +54,13 @@ class Pipeline:
   def __init__(self, workdir: str | os.PathLike | None, *,
                devices: Sequence[jax.Device] | None = None, ema: bool = True,
                compilation_cache: bool = True, run: tuple[Any, Any, Any] | None = None,
-               weights_dtype: str | None = None, clip_workdir: str | None = None):
+               weights_dtype: str | None = None, clip_workdir: str | None = None,
+               step: int | None = None):
     """Samples the run in `workdir`, or `run` = (config, task, params) built in memory (as
     jaxt2i.from_diffusers does; `workdir` may then be None). `weights_dtype="bfloat16"`
     stores floating-point weights in bfloat16 (half the device memory; SD 1.5: 1.7 GB).
     `clip_workdir` (DALL-E): a CLIP run that ranks `num_candidates` draws, for runs trained
-    without one or to replace theirs."""
+    without one or to replace theirs. `step`: a kept checkpoint (default the latest)."""
     if compilation_cache:
       enable_compilation_cache()
     self.workdir = None if workdir is None else epath.Path(workdir)
@@ -67,7 +68,7 @@ class Pipeline:
       if self.workdir is None:
         raise ValueError("Pipeline needs a workdir or run=(config, task, params)")
       self.config, self.task, params = load_run(self.workdir, ema=ema,
-                                                clip_workdir=clip_workdir)
+                                                clip_workdir=clip_workdir, step=step)
     else:
       if clip_workdir:
         raise ValueError("clip_workdir is for trained runs loaded from a workdir")

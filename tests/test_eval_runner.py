@@ -101,7 +101,9 @@ def test_evaluate_images_pairs_each_split_with_its_own_samples():
 def trained_run(tmp_path_factory, tok_path, quick_evaluator_64):
   del quick_evaluator_64  # cached before any subprocess needs it
   workdir = tmp_path_factory.mktemp("run")
-  _train(_config(tok_path), workdir, Tokenizer.load(str(tok_path)))
+  # Checkpoints at steps 2 and 4: evaluating an earlier one is tested.
+  _train(_config(tok_path, **{"checkpoint.every_steps": 2}), workdir,
+         Tokenizer.load(str(tok_path)))
   return workdir
 
 
@@ -126,16 +128,23 @@ def test_eval_workdir_writes_report_and_is_deterministic(tmp_path, trained_run):
   assert again["splits"] == results["splits"]
   with pytest.raises(ValueError, match=r"no sampling setting\(s\) \['model.guidance_scale'\]"):
     runner.evaluate_workdir(workdir, num_prompts=1, sampling={"guidance_scale": 1.0})
+  # An earlier checkpoint by its step; a step not kept names those that are.
+  import jax
+  latest, earlier = (jax.tree.leaves(runner.load_run(workdir, step=s)[2]) for s in (None, 2))
+  assert any(not np.array_equal(a, b) for a, b in zip(latest, earlier))
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 3 \(kept: \[2, 4\]\)"):
+    runner.load_run(workdir, step=3)
 
 
 def test_eval_cli_on_a_workdir(tmp_path, trained_run):
   out = tmp_path / "report"
   result = subprocess.run([sys.executable, "-m", "jaxt2i", "eval", "--workdir", str(trained_run),
-                           "--num_prompts", "2", "--samples_per_prompt", "1", "--out", str(out)],
+                           "--num_prompts", "2", "--samples_per_prompt", "1", "--out", str(out),
+                           "--checkpoint_step", "2"],
                           capture_output=True, text=True, timeout=280, cwd=REPO)
   assert result.returncode == 0, result.stderr
   assert "test_heldout: fully correct" in result.stdout
-  assert (out / "index.html").exists() and (out / "eval.json").exists()
+  assert (out / "index.html").exists() and json.loads((out / "eval.json").read_text())["step"] == 2
   missing = subprocess.run([sys.executable, "-m", "jaxt2i", "eval", "--workdir",
                             str(tmp_path / "nothing")], capture_output=True, text=True,
                            timeout=120, cwd=REPO)

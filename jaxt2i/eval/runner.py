@@ -130,10 +130,12 @@ def evaluate_images(images: np.ndarray, prompts: Sequence[tuple[str, str]],
   return results, per_prompt
 
 
-def load_run(workdir: epath.PathLike, *, ema: bool = True, clip_workdir: str | None = None):
-  """(config, task, params) of a trained run: its config.json and latest checkpoint, plus the
-  task's constant subtrees (Task.constant_keys) from Task.initial_values. `clip_workdir`
-  (DALL-E runs) attaches a CLIP run as the reranker (DalleTask.with_clip)."""
+def load_run(workdir: epath.PathLike, *, ema: bool = True, clip_workdir: str | None = None,
+             step: int | None = None):
+  """(config, task, params) of a trained run: its config.json and latest checkpoint (or the
+  one of `step`), plus the task's constant subtrees (Task.constant_keys) from
+  Task.initial_values. `clip_workdir` (DALL-E runs) attaches a CLIP run as the reranker
+  (DalleTask.with_clip)."""
   from jaxt2i.parallel import partitioning
   from jaxt2i.tasks.base import get_task
   from jaxt2i.training import config as config_lib
@@ -150,8 +152,12 @@ def load_run(workdir: epath.PathLike, *, ema: bool = True, clip_workdir: str | N
            "tokens_mask": jnp.ones((1, length), jnp.int32)}
   abstract = partitioning.unbox(jax.eval_shape(task.init, jax.random.key(0), dummy))
   constant = tuple(task.constant_keys)
+  if step is not None and not (workdir / "checkpoints" / str(step)).exists():
+    kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    raise FileNotFoundError(f"{workdir} has no checkpoint of step {step} (kept: {kept})")
   params = restore_params(workdir / "checkpoints",
-                          {k: v for k, v in abstract.items() if k not in constant}, ema=ema)
+                          {k: v for k, v in abstract.items() if k not in constant}, ema=ema,
+                          step=step)
   if constant:  # e.g. a LoRA run's base model, read from where the run read it
     values = task.constant_values()
     params = {**{k: values[k] for k in constant}, **params}
@@ -172,14 +178,16 @@ def evaluate_workdir(workdir: epath.PathLike, *, num_prompts: int = 16,
                      samples_per_prompt: int = 4, seed: int = 0, out_dir: epath.PathLike | None = None,
                      cache_dir: str | None = None,
                      sampling: dict[str, Any] | None = None,
-                     clip_workdir: str | None = None) -> dict[str, Any]:
+                     clip_workdir: str | None = None, step: int | None = None
+                     ) -> dict[str, Any]:
   """Samples, scores and reports a trained run; writes eval.json + index.html to `out_dir`
   (default the workdir) and returns the results. `sampling` overrides config.model sampling
   fields of the run (e.g. {"guidance_scale": 1.0, "num_sampling_steps": 50}); `clip_workdir`
-  reranks a DALL-E run with that CLIP run (see load_run)."""
+  reranks a DALL-E run with that CLIP run (see load_run); `step` picks a kept checkpoint
+  (default the latest)."""
   from jaxt2i.data import pipeline
   start = time.perf_counter()
-  config, task, params = load_run(workdir, clip_workdir=clip_workdir)
+  config, task, params = load_run(workdir, clip_workdir=clip_workdir, step=step)
   sampling = dict(sampling or {})
   unknown = sorted(set(sampling) - set(config.model.keys()))
   if unknown:
@@ -196,7 +204,8 @@ def evaluate_workdir(workdir: epath.PathLike, *, num_prompts: int = 16,
   scorer = shapes_eval.load_evaluator(shapes_eval.nearest_evaluator_size(images.shape[1]),
                                       cache_dir)
   splits, per_prompt = evaluate_images(images, prompts, samples_per_prompt, scorer)
-  results = {"workdir": str(workdir), "task": config.task, "num_prompts": num_prompts,
+  results = {"workdir": str(workdir), "task": config.task, "step": step,
+             "num_prompts": num_prompts,
              "samples_per_prompt": samples_per_prompt, "seed": seed,
              "sampling": {k: config.model[k] for k in SAMPLING_FIELDS if k in config.model},
              "evaluator": str(scorer.directory), "seconds": round(time.perf_counter() - start, 1),
