@@ -53,6 +53,16 @@ def get_config(arg: str | None = None):
     # ~0.6 steps/s on a 2-core CPU (measured: 0.58 with nothing else running): about two
     # hours, after the first stage's ~40 minutes.
     config.train.num_steps = 4000
+    # Where an object goes is decided at the noisiest timesteps. Under the plain scaled-linear
+    # schedule these 16x16 latents still show each object's place at t = 999 (a rendered
+    # scene's x_0 prediction follows x_t, not a caption naming another cell), so an epsilon /
+    # min-SNR model never learns place from text: one-object place 0.11 (chance) at step 3000.
+    # SNRs / 3^2 hide the objects at the top ~20% of timesteps, and v-prediction with uniform
+    # weighting trains the x_0 error there at full weight: place 1.00 at step 1000
+    # (benchmarks/RESULTS.md, ldm_place).
+    config.model.prediction_type = "v_prediction"
+    config.model.snr_shift = 3.0
+    config.model.loss_weighting = "uniform"
   elif variant == "demo":
     # ~2 steps/s on a 2-core CPU: about 8 minutes. Scored by `jaxt2i eval` afterwards.
     config.train.num_steps = 900
