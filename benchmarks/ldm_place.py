@@ -18,6 +18,7 @@ For each run (EMA weights; a kept checkpoint's step after a colon):
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -33,7 +34,6 @@ import harness  # noqa: E402
 from jaxt2i.data import pipeline as data_pipeline  # noqa: E402
 from jaxt2i.data import shapes  # noqa: E402
 from jaxt2i.diffusion import schedules  # noqa: E402
-from jaxt2i.eval import runner  # noqa: E402
 from jaxt2i.eval import shapes as shapes_eval  # noqa: E402
 
 TIMESTEPS = (999, 900, 700)
@@ -113,29 +113,48 @@ def leak_test(config, task, params, tokenizer) -> list[dict]:
   return rows
 
 
+def run_label(spec: str) -> str:
+  """A table label for RUN[:STEP]: the run's name, step and diffusion settings (from its
+  config.json, so it needs no checkpoint)."""
+  workdir, _, step = spec.partition(":")
+  m = json.loads((Path(workdir) / "config.json").read_text())["model"]
+  return (f"`{Path(workdir).name}` step {step or 'latest'} ({m['prediction_type']}, "
+          f"{m['loss_weighting']} weighting, snr_shift {m.get('snr_shift', 1.0):g}"
+          f"{', zero terminal SNR' if m.get('rescale_zero_terminal_snr') else ''})")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--ldm", action="append", required=True, help="RUN or RUN:STEP")
   parser.add_argument("--guidance", type=float, default=5.0)
+  parser.add_argument("--keep_earlier", action="store_true",
+                      help="keep the rows of runs in results/ldm_place.json not measured now "
+                           "(their checkpoints may be gone), measured first")
   args = parser.parse_args()
   import jaxt2i
 
-  data, place_rows, leak_rows = {}, [], []
+  data = {}
+  if args.keep_earlier:
+    earlier = json.loads((harness.RESULTS_DIR / "ldm_place.json").read_text())
+    data = {k: v for k, v in earlier.items() if isinstance(v, dict) and "place" in v
+            and k not in args.ldm}
+    other = [k for k, v in data.items() if v.get("guidance", 5.0) != args.guidance]
+    if other:
+      raise SystemExit(f"--keep_earlier: {other} were sampled at another guidance")
   for spec in args.ldm:
     workdir, _, step = spec.partition(":")
     step = int(step) if step else None
     pipe = jaxt2i.load(workdir, step=step)
     config, task = pipe.config, pipe.task
     params = jax.device_get(pipe.params)
-    m = config.model
-    label = (f"`{Path(workdir).name}` step {step or 'latest'} ({m.prediction_type}, "
-             f"{m.loss_weighting} weighting, snr_shift {m.get('snr_shift', 1.0):g}"
-             f"{', zero terminal SNR' if m.rescale_zero_terminal_snr else ''})")
     place = place_accuracy(pipe, args.guidance)
     tokenizer = data_pipeline.load_tokenizer(config.data, workdir)
     leak = leak_test(config, task, params, tokenizer)
-    data[spec] = {"place": place, "leak": leak}
+    data[spec] = {"place": place, "leak": leak, "guidance": args.guidance}
+  place_rows, leak_rows = [], []
+  for spec, result in data.items():
+    label, place, leak = run_label(spec), result["place"], result["leak"]
     place_rows.append(f"| {label} | **{place['place']:.3f}** | {place['color']:.3f} | "
                       f"{place['shape']:.3f} | {place['size']:.3f} | {place['count']:.3f} | "
                       f"{place['fully_correct']:.3f} |")
@@ -154,6 +173,9 @@ def main():
       "| run | t | SNR | true caption: in its cell | opposite caption: in the caption's cell | "
       "opposite caption: in the image's cell |", "|---|---|---|---|---|---|", *leak_rows])
   command = "python benchmarks/ldm_place.py " + " ".join(f"--ldm {s}" for s in args.ldm)
+  if args.keep_earlier:
+    command += " --keep_earlier (rows kept from the earlier record: " + ", ".join(
+        s for s in data if s not in args.ldm) + ")"
   harness.record("ldm_place", command, md, data)
 
 
