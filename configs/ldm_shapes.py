@@ -46,23 +46,22 @@ def get_config(arg: str | None = None):
   config.model.down_block_types = ("CrossAttnDownBlock2D",) * 3
   config.model.up_block_types = ("CrossAttnUpBlock2D",) * 3
   config.model.norm_num_groups = 16
-  config.model.loss_weighting = "min_snr"
   config.model.num_sampling_steps = 25
+  # Where an object goes is decided at the noisiest timesteps. Under the plain scaled-linear
+  # schedule these 16x16 latents still show each object's place at t = 999 (a rendered scene's
+  # x_0 prediction follows x_t, not a caption naming another cell), so an epsilon / min-SNR
+  # model never learns place from text: one-object place 0.11 (chance) at step 3000. SNRs /
+  # 3^2 hide the objects at the top ~20% of timesteps, and v-prediction with uniform weighting
+  # trains the x_0 error there at full weight: place 1.00 at step 1000 (benchmarks/RESULTS.md,
+  # ldm_place). At the demo's length it also doubles colour and count (README).
+  config.model.prediction_type = "v_prediction"
+  config.model.snr_shift = 3.0
+  config.model.loss_weighting = "uniform"
 
   if variant == "reference":
-    # ~0.6 steps/s on a 2-core CPU (measured: 0.58 with nothing else running): about two
-    # hours, after the first stage's ~40 minutes.
+    # ~0.5 steps/s on a 2-core CPU: about two hours and ten minutes, after the first stage's
+    # ~40 minutes.
     config.train.num_steps = 4000
-    # Where an object goes is decided at the noisiest timesteps. Under the plain scaled-linear
-    # schedule these 16x16 latents still show each object's place at t = 999 (a rendered
-    # scene's x_0 prediction follows x_t, not a caption naming another cell), so an epsilon /
-    # min-SNR model never learns place from text: one-object place 0.11 (chance) at step 3000.
-    # SNRs / 3^2 hide the objects at the top ~20% of timesteps, and v-prediction with uniform
-    # weighting trains the x_0 error there at full weight: place 1.00 at step 1000
-    # (benchmarks/RESULTS.md, ldm_place).
-    config.model.prediction_type = "v_prediction"
-    config.model.snr_shift = 3.0
-    config.model.loss_weighting = "uniform"
   elif variant == "demo":
     # ~2 steps/s on a 2-core CPU: about 8 minutes. Scored by `jaxt2i eval` afterwards.
     config.train.num_steps = 900
@@ -89,6 +88,10 @@ def get_config(arg: str | None = None):
     config.model.attention_head_dim = 2
     config.model.norm_num_groups = 8
     config.model.num_sampling_steps = 4
+    # The tests' settings: epsilon prediction, min-SNR weighting, the plain schedule.
+    config.model.prediction_type = "epsilon"
+    config.model.snr_shift = 1.0
+    config.model.loss_weighting = "min_snr"
     config.train.num_steps = 4
     config.train.log_every = 1
     config.train.eval_every = 0
