@@ -1,6 +1,7 @@
 """Where a latent-diffusion run puts a one-object caption's object, and why. Records in RESULTS.md.
 
   python benchmarks/ldm_place.py --ldm RUN[:STEP] [--ldm RUN[:STEP] ...] [--guidance 5]
+      [--keep_earlier]   # also keep the earlier record's other rows (rotated checkpoints)
 
 For each run (EMA weights; a kept checkpoint's step after a colon):
   - Place accuracy: 10 one-object captions per grid cell (90, the same for every run), one
