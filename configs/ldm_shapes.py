@@ -53,14 +53,15 @@ def get_config(arg: str | None = None):
   # model never learns place from text: one-object place 0.11 (chance) at step 3000. SNRs /
   # 3^2 hide the objects at the top ~20% of timesteps, and v-prediction with uniform weighting
   # trains the x_0 error there at full weight: place 1.00 at step 1000 (benchmarks/RESULTS.md,
-  # ldm_place). At the demo's length it also doubles colour and count (README).
+  # ldm_place). At the demo's length it also lifts colour (0.23 -> 0.59) and count
+  # (0.16 -> 0.66) on `test` (benchmarks/RESULTS.md, LDM notes).
   config.model.prediction_type = "v_prediction"
   config.model.snr_shift = 3.0
   config.model.loss_weighting = "uniform"
 
   if variant == "reference":
-    # ~0.5 steps/s on a 2-core CPU: about two hours and ten minutes, after the first stage's
-    # ~40 minutes.
+    # 0.5-0.6 steps/s on a 2-core CPU (0.58 alone): about two hours, after the first
+    # stage's ~40 minutes.
     config.train.num_steps = 4000
   elif variant == "demo":
     # ~2 steps/s on a 2-core CPU: about 8 minutes. Scored by `jaxt2i eval` afterwards.
