@@ -237,6 +237,57 @@ def test_gradients_reach_every_parameter():
   assert float(metrics["rec_loss"]) == pytest.approx(float(metrics["nll"]), rel=1e-5)
 
 
+def test_codebook_restart_splits_the_worst_positions_off_their_codes():
+  """At a restart step, dead codes take their donors' decoder rows and win the seed positions
+  (the worst-reconstructed ones) by the margin; between restarts nothing moves but the usage
+  EMA."""
+  from jaxt2i.tasks import dvae as dvae_task
+  from jaxt2i.training.trainer import _replace_leaves
+  task = DiscreteVAETask(tiny(**{"model.restart_every": 10, "model.restart_count": 4}))
+  task.validate()
+  assert task.frozen_keys == ("code_usage",)
+  batch = {"image": jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)}
+  params = random_params(lambda rng, b: {"params": task.init(rng, b)}, batch)
+  params["code_usage"] = jnp.zeros_like(params["code_usage"])
+  loss = jax.jit(lambda p, s: task.loss(p, batch, jax.random.key(2), step=s)[1])
+  between, at = loss(params, jnp.int32(5)), loss(params, jnp.int32(10))
+  assert int(between["restarted"]) == 0
+  for leaf in jax.tree.leaves(between["state_deltas"]):
+    assert not np.asarray(leaf).any()
+  assert int(at["restarted"]) == 4
+
+  x01 = task._to_unit(batch["image"])
+  tokens = np.asarray(task.encode_tokens(params, batch["image"])).reshape(-1)
+  counts = np.bincount(tokens, minlength=64)
+  usage = np.asarray(at["state_updates"]["code_usage"])
+  restarted = np.flatnonzero(usage == dvae_task.RESTART_USAGE)
+  assert len(restarted) == 4 and not counts[restarted].any()  # codes unused in the batch
+  new = _replace_leaves(params, at["state_deltas"], add=True)  # as the trainer applies them
+  new_tokens = np.asarray(task.encode_tokens(new, batch["image"])).reshape(-1)
+  # Each restarted code now wins positions (its donor's seed), and only they take positions;
+  # each took a distinct used code's decoder row.
+  changed = new_tokens != tokens
+  assert set(new_tokens[changed]) <= set(restarted) and set(restarted) <= set(new_tokens)
+  dec_old = np.asarray(params["dvae"]["decoder"]["input"]["kernel"][0, 0])
+  dec_new = np.asarray(new["dvae"]["decoder"]["input"]["kernel"][0, 0])
+  donors = [np.flatnonzero(np.isclose(dec_old, dec_new[j], atol=1e-6).all(-1))
+            for j in restarted]
+  assert all(len(d) == 1 and counts[d[0]] > 1 for d in donors)
+  assert len({int(d[0]) for d in donors}) == 4
+  # The seeds are the positions whose argmax-token patch reconstruction is worst.
+  # No logit moved by more than the margin over its donor's, anywhere in the batch.
+  logits = [task.model.apply({"params": p["dvae"]}, x01, method="encode_logits")
+            for p in (params, new)]
+  lead = np.asarray(logits[1].max(-1) - logits[0].max(-1))
+  assert lead.max() <= dvae_task.RESTART_MARGIN + 1e-4
+  recon = task.model.apply({"params": params["dvae"]}, jnp.asarray(tokens.reshape(2, 8, 8)),
+                           method="decode")
+  err = np.square(np.asarray(recon - x01)).reshape(2, 8, 4, 8, 4, 3).sum((2, 4, 5))
+  assert changed[np.argmax(err)]
+  with pytest.raises(ConfigError, match="restart_every=10 needs train.grad_accum_steps=1"):
+    DiscreteVAETask(tiny(**{"model.restart_every": 10, "train.grad_accum_steps": 2})).validate()
+
+
 def test_mse_option_is_the_pixel_squared_error():
   task = DiscreteVAETask(tiny(**{"model.reconstruction": "mse"}))
   task.validate()

@@ -200,6 +200,27 @@ def test_state_updates_replace_what_the_optimizer_made(tmp_path, tok):
   assert not any("state_updates" in l for l in (tmp_path / "run" / "metrics.jsonl").open())
 
 
+def test_state_deltas_add_to_what_the_optimizer_made(tmp_path, tok):
+  """Task.loss's STATE_DELTAS are added after the optimizer step (a codebook restart's way of
+  moving learned weights): one step with and without them differs by exactly the delta."""
+  from jaxt2i.tasks.base import STATE_DELTAS
+  config = tiny_config(**{"train.num_steps": 1, "mesh.data": 1})
+
+  class ShiftingTask(CaptionRegressionTask):
+    def loss(self, params, batch, rng):
+      loss, aux = super().loss(params, batch, rng)
+      shift = jnp.zeros_like(params["to_rgb"]["bias"]).at[0].set(0.25)
+      return loss, {**aux, STATE_DELTAS: {"to_rgb": {"bias": shift}}}
+
+  _, plain = run(config, tmp_path / "plain", tok, jax.devices()[:1])
+  _, shifted = run(config, tmp_path / "shifted", tok, jax.devices()[:1],
+                   task=ShiftingTask(config))
+  diff = np.asarray(shifted.params["to_rgb"]["bias"]) - np.asarray(plain.params["to_rgb"]["bias"])
+  np.testing.assert_allclose(diff, np.eye(1, diff.size, 0)[0] * 0.25, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(shifted.params["to_rgb"]["kernel"]),
+                                np.asarray(plain.params["to_rgb"]["kernel"]))
+
+
 def test_resume_reads_derived_fields_back(tmp_path, tok):
   """Fields Task.prepare derives from data (an LDM's latent scale) are not derived again on
   resume, where the first batch may differ: they come back from the run's config.json."""

@@ -134,7 +134,9 @@ class ResBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Mapped pixels [B, H, W, channels] -> float32 code logits [B, H/f, W/f, vocab_size]."""
+  """Mapped pixels [B, H, W, channels] -> float32 code logits [B, H/f, W/f, vocab_size] (and,
+  with `return_features`, the ReLU features [B, H/f, W/f, last group width] they are a
+  1x1 conv of)."""
   vocab_size: int = 8192
   hidden: int = 256
   blocks_per_group: int = 2
@@ -142,7 +144,8 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, return_features: bool = False
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
     groups = num_groups(self.downsample_factor)
     gain = 1.0 / (groups * self.blocks_per_group) ** 2
     h = layers.conv(self.hidden, 7, self.dtype, "input", padding=3)(x)
@@ -155,7 +158,8 @@ class Encoder(nn.Module):
     # float32 logits, as `dall_e` keeps this conv out of float16: they feed a softmax over
     # thousands of codes.
     h = nn.relu(h).astype(jnp.float32)
-    return layers.conv(self.vocab_size, 1, jnp.float32, "output", padding=0)(h)
+    logits = layers.conv(self.vocab_size, 1, jnp.float32, "output", padding=0)(h)
+    return (logits, h) if return_features else logits
 
 
 class CodeInput(nn.Module):
@@ -235,10 +239,13 @@ class DiscreteVAE(nn.Module):
       raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} is not divisible by "
                        f"the downsampling factor {f}")
 
-  def encode_logits(self, images: jax.Array) -> jax.Array:
-    """Images [B, H, W, C] in [0, 1] -> float32 code logits [B, H/f, W/f, K]."""
+  def encode_logits(self, images: jax.Array, return_features: bool = False
+                    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Images [B, H, W, C] in [0, 1] -> float32 code logits [B, H/f, W/f, K] (and the
+    encoder's last features, with `return_features`)."""
     self._check_images(images)
-    return self.encoder(map_pixels(images.astype(jnp.float32)).astype(self.dtype))
+    return self.encoder(map_pixels(images.astype(jnp.float32)).astype(self.dtype),
+                        return_features)
 
   def encode(self, images: jax.Array) -> jax.Array:
     """Images in [0, 1] -> int32 tokens [B, H/f, W/f]: the most likely code (inference)."""
@@ -256,15 +263,18 @@ class DiscreteVAE(nn.Module):
     return stats_to_pixels(self.decoder(tokens))
 
   def __call__(self, images: jax.Array, rng: jax.Array | None = None,
-               temperature: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """Images in [0, 1] -> (decoder stats, code logits). With `rng` the decoder reads a
-    gumbel-softmax sample at `temperature` (training); without, the argmax tokens."""
-    logits = self.encode_logits(images)
+               temperature: jax.Array | float = 1.0, return_features: bool = False
+               ) -> tuple[jax.Array, ...]:
+    """Images in [0, 1] -> (decoder stats, code logits[, encoder features]). With `rng` the
+    decoder reads a gumbel-softmax sample at `temperature` (training); without, the argmax
+    tokens."""
+    logits, features = self.encode_logits(images, return_features=True)
     if rng is None:
       codes = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
       codes = gumbel_softmax(rng, logits, temperature)
-    return self.decoder(codes), logits
+    stats = self.decoder(codes)
+    return (stats, logits, features) if return_features else (stats, logits)
 
 
 VARIANTS: dict[str, dict[str, Any]] = {

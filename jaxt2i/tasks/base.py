@@ -28,6 +28,10 @@ Batch = Mapping[str, jax.Array]
 # same tree layout, only the replaced leaves), written after the optimizer step instead of what
 # the optimizer made of them. For state that is not learned by gradients (e.g. an EMA codebook).
 STATE_UPDATES = "state_updates"
+# Another such key: a nested dict of amounts added to some learned params after the optimizer
+# step (zero where nothing changes). For surgery on trained weights at chosen steps, e.g.
+# restarting unused codes of a codebook, while the optimizer keeps training them.
+STATE_DELTAS = "state_deltas"
 
 
 class Task(abc.ABC):

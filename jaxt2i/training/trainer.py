@@ -39,7 +39,7 @@ from jaxt2i.data import pipeline
 from jaxt2i.data.tokenizer import Tokenizer
 from jaxt2i.parallel import mesh as mesh_lib
 from jaxt2i.parallel import partitioning
-from jaxt2i.tasks.base import STATE_UPDATES, Task, get_task
+from jaxt2i.tasks.base import STATE_DELTAS, STATE_UPDATES, Task, get_task
 from jaxt2i.training import config as config_lib
 from jaxt2i.training import metrics as metrics_lib
 from jaxt2i.training.checkpoint import Checkpointer
@@ -306,6 +306,7 @@ class Trainer:
     (loss, aux), grads = self._grads(state.params, constants, batch, rng, state.step)
     aux = dict(aux)
     state_updates = aux.pop(STATE_UPDATES, None)
+    state_deltas = aux.pop(STATE_DELTAS, None)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if cfg.loss_spike_factor > 0:
@@ -316,6 +317,8 @@ class Trainer:
     for key in set(self.task.frozen_keys) & set(updates):  # weight decay must not move them
       updates = {**updates, key: jax.tree.map(jnp.zeros_like, updates[key])}
     params = optax.apply_updates(state.params, updates)
+    if state_deltas is not None:
+      params = _replace_leaves(params, state_deltas, add=True)
     if state_updates is not None:
       params = _replace_leaves(params, state_updates)
 
@@ -605,13 +608,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   return state
 
 
-def _replace_leaves(params: Any, updates: Mapping[str, Any], path: str = "") -> Any:
-  """params with the leaves named in the nested dict `updates` replaced (dtype kept)."""
+def _replace_leaves(params: Any, updates: Mapping[str, Any], path: str = "",
+                    add: bool = False) -> Any:
+  """params with the leaves named in the nested dict `updates` replaced (dtype kept), or,
+  with `add`, incremented by them."""
   if not isinstance(params, Mapping):
-    return jnp.asarray(updates, params.dtype)
+    return (params + updates if add else jnp.asarray(updates)).astype(params.dtype)
   out = dict(params)
   for key, value in updates.items():
     if key not in params:
       raise KeyError(f"Task.loss state update names {path + key!r}, which is not a param")
-    out[key] = _replace_leaves(params[key], value, f"{path}{key}/")
+    out[key] = _replace_leaves(params[key], value, f"{path}{key}/", add)
   return out
