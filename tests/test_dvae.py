@@ -284,6 +284,12 @@ def test_codebook_restart_splits_the_worst_positions_off_their_codes():
                            method="decode")
   err = np.square(np.asarray(recon - x01)).reshape(2, 8, 4, 8, 4, 3).sum((2, 4, 5))
   assert changed[np.argmax(err)]
+  # Outside [restart_start, restart_until) a restart step restarts nothing.
+  for window in ({"model.restart_start": 20}, {"model.restart_until": 10}):
+    late = DiscreteVAETask(tiny(**{"model.restart_every": 10, **window}))
+    out = jax.jit(lambda p: late.loss(p, batch, jax.random.key(2), step=jnp.int32(10))[1])(
+        params)
+    assert int(out["restarted"]) == 0
   with pytest.raises(ConfigError, match="restart_every=10 needs train.grad_accum_steps=1"):
     DiscreteVAETask(tiny(**{"model.restart_every": 10, "train.grad_accum_steps": 2})).validate()
 
