@@ -279,7 +279,7 @@ def test_codebook_restart_splits_the_worst_positions_off_their_codes():
   logits = [task.model.apply({"params": p["dvae"]}, x01, method="encode_logits")
             for p in (params, new)]
   lead = np.asarray(logits[1].max(-1) - logits[0].max(-1))
-  assert lead.max() <= dvae_task.RESTART_MARGIN + 1e-4
+  assert lead.max() <= task.config.model.restart_margin + 1e-4
   recon = task.model.apply({"params": params["dvae"]}, jnp.asarray(tokens.reshape(2, 8, 8)),
                            method="decode")
   err = np.square(np.asarray(recon - x01)).reshape(2, 8, 4, 8, 4, 3).sum((2, 4, 5))

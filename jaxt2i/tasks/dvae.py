@@ -27,9 +27,9 @@ decoder row and i's logit plus a hyperplane,
 
     logit_j(h) = logit_i(h) + eps * (h - (h_p + mu_i) / 2) . (h_p - mu_i),
 
-with eps setting the margin at h_p to RESTART_MARGIN nats, or less where the plane would move
+with eps setting the margin at h_p to `restart_margin` nats, or less where the plane would move
 some logit of the batch by more than that: j wins the positions nearer h_p than mu_i (and at
-most those of other codes within RESTART_MARGIN of winning there), and training moves its
+most those of other codes within that margin of winning there), and training moves its
 decoder row towards what they need. The restart is a function of
 the params, the batch and the step, so a resumed run repeats it exactly.
 """
@@ -56,12 +56,10 @@ RECONSTRUCTIONS = ("logit_laplace", "mse")
 TEMPERATURE_SCHEDULES = ("cosine", "exponential")
 # Codebook restarts (module docstring): the EMA decay of per-batch code counts; a code counted
 # less than DEAD_BELOW times per batch (and not at all in the current one) is dead; a restarted
-# code starts at RESTART_USAGE, so it is not restarted again for ~230 steps unless it is used;
-# its logit is RESTART_MARGIN nats above its donor's at the seed position.
+# code starts at RESTART_USAGE, so it is not restarted again for ~230 steps unless it is used.
 USAGE_DECAY = 0.99
 DEAD_BELOW = 0.1
 RESTART_USAGE = 1.0
-RESTART_MARGIN = 1.0
 
 
 def dvae_from_config(model_cfg: Any, dtype: Any = jnp.float32) -> DiscreteVAE:
@@ -134,6 +132,7 @@ class DiscreteVAETask(Task):
     m.restart_count = 32
     m.restart_start = 0
     m.restart_until = 0
+    m.restart_margin = 1.0           # nats a restarted code leads its donor by at its seed
     return m
 
   def validate(self) -> None:
@@ -157,7 +156,7 @@ class DiscreteVAETask(Task):
       raise ConfigError(f"config.model.temperature_end={m.temperature_end} must be in "
                         f"(0, temperature_start={m.temperature_start}]")
     for name in ("kl_weight", "kl_warmup_steps", "temperature_steps", "restart_every",
-                 "restart_count", "restart_start", "restart_until"):
+                 "restart_count", "restart_start", "restart_until", "restart_margin"):
       if not isinstance(m[name], (int, float)) or isinstance(m[name], bool) or m[name] < 0:
         raise ConfigError(f"config.model.{name}={m[name]!r}: must be >= 0")
     if m.restart_every and self.config.train.grad_accum_steps != 1:
@@ -277,8 +276,8 @@ class DiscreteVAETask(Task):
     # tight cluster (a small |d|) would otherwise get a steep plane that hands the new code
     # every position on its side, other codes' included.
     reach = jnp.max(jnp.abs(feats @ d.T - jnp.sum(d * mid, axis=-1)), axis=0)
-    eps = jnp.minimum(2.0 * RESTART_MARGIN / jnp.maximum(dist2, 1e-12),
-                      RESTART_MARGIN / jnp.maximum(reach, 1e-12))
+    eps = jnp.minimum(2.0 * m.restart_margin / jnp.maximum(dist2, 1e-12),
+                      m.restart_margin / jnp.maximum(reach, 1e-12))
     offset = eps * jnp.sum(d * mid, axis=-1)
     targets = jnp.where(ok, targets, k)                       # out of range: dropped
     enc = jax.lax.stop_gradient(params["dvae"]["encoder"]["output"])
