@@ -30,8 +30,8 @@ decoder row and i's logit plus a hyperplane,
 with eps setting the margin at h_p to `restart_margin` nats, or less where the plane would move
 some logit of the batch by more than that: j wins the positions nearer h_p than mu_i (and at
 most those of other codes within that margin of winning there), and training moves its
-decoder row towards what they need. The restart is a function of
-the params, the batch and the step, so a resumed run repeats it exactly.
+decoder row towards what they need. The restart is a function of the params, the batch and
+the step, so a resumed run repeats it exactly.
 """
 
 from __future__ import annotations
