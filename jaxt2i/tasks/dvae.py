@@ -30,7 +30,8 @@ decoder row and i's logit plus a hyperplane,
 with eps setting the margin at h_p to `restart_margin` nats, or less where the plane would move
 some logit of the batch by more than that: j wins the positions nearer h_p than mu_i (and at
 most those of other codes within that margin of winning there), and training moves its
-decoder row towards what they need. The restart is a function of the params, the batch and
+decoder row towards what they need (or, with `restart_fit_steps`, a few Adam steps on the
+seed's image fit the row first). The restart is a function of the params, the batch and
 the step, so a resumed run repeats it exactly.
 """
 
@@ -42,6 +43,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from jaxt2i.models.dvae import (LOGIT_LAPLACE_EPS, DiscreteVAE, check_fields, kl_to_uniform,
                                 logit_laplace_nll, map_pixels, stats_to_pixels)
@@ -133,6 +135,10 @@ class DiscreteVAETask(Task):
     m.restart_start = 0
     m.restart_until = 0
     m.restart_margin = 1.0           # nats a restarted code leads its donor by at its seed
+    # 0: a restarted code starts from its donor's decoder row. N: then N Adam steps (step size
+    # restart_fit_lr) fit that row to its seed's image, the seed decoded with the new code.
+    m.restart_fit_steps = 0
+    m.restart_fit_lr = 0.05
     return m
 
   def validate(self) -> None:
@@ -156,7 +162,8 @@ class DiscreteVAETask(Task):
       raise ConfigError(f"config.model.temperature_end={m.temperature_end} must be in "
                         f"(0, temperature_start={m.temperature_start}]")
     for name in ("kl_weight", "kl_warmup_steps", "temperature_steps", "restart_every",
-                 "restart_count", "restart_start", "restart_until", "restart_margin"):
+                 "restart_count", "restart_start", "restart_until", "restart_margin",
+                 "restart_fit_steps", "restart_fit_lr"):
       if not isinstance(m[name], (int, float)) or isinstance(m[name], bool) or m[name] < 0:
         raise ConfigError(f"config.model.{name}={m[name]!r}: must be >= 0")
     if m.restart_every and self.config.train.grad_accum_steps != 1:
@@ -286,7 +293,11 @@ class DiscreteVAETask(Task):
     new_kernel = kernel.at[:, targets].set(kernel[:, donors] + (eps[:, None] * d).T,
                                            mode="drop")
     new_bias = enc["bias"].at[targets].set(enc["bias"][donors] - offset, mode="drop")
-    new_dec = dec[0, 0].at[targets].set(dec[0, 0][donors], mode="drop")
+    rows = dec[0, 0][donors]
+    if m.restart_fit_steps:
+      rows = jax.lax.cond(jnp.any(ok), self._fit_rows, lambda _, r, *__: r, params, rows,
+                          targets, seeds, tokens, x01)
+    new_dec = dec[0, 0].at[targets].set(rows, mode="drop")
     deltas = {"dvae": {
         "encoder": {"output": {"kernel": (new_kernel - kernel)[None, None],
                                "bias": new_bias - enc["bias"]}},
@@ -294,6 +305,42 @@ class DiscreteVAETask(Task):
     usage = usage.at[targets].set(RESTART_USAGE, mode="drop")
     return {STATE_DELTAS: deltas, STATE_UPDATES: {"code_usage": usage},
             "restarted": jnp.sum(ok), "live_codes": jnp.sum(usage >= DEAD_BELOW)}
+
+  def _fit_rows(self, params: PyTree, rows: jax.Array, targets: jax.Array, seeds: jax.Array,
+                tokens: jax.Array, x01: jax.Array) -> jax.Array:
+    """Decoder rows [n, width] for the restarted codes `targets` (k: none), started at
+    `rows`: `restart_fit_steps` Adam steps on the reconstruction loss of each seed's image,
+    decoded from its argmax tokens with the seed position's token replaced by the new code
+    (one image per restart, so restarts seeded in one image do not see each other)."""
+    m = self.config.model
+    k = m.vocab_size
+    b, h, w = tokens.shape
+    image, where = seeds // (h * w), seeds % (h * w)
+    keep = targets < k
+    seed_tokens = tokens.reshape(b, h * w)[image]                         # [n, h*w]
+    seed_tokens = seed_tokens.at[jnp.arange(len(seeds)), where].set(
+        jnp.where(keep, targets, seed_tokens[jnp.arange(len(seeds)), where]))
+    seed_tokens = seed_tokens.reshape(-1, h, w)
+    dvae = jax.lax.stop_gradient(params["dvae"])
+    kernel = dvae["decoder"]["input"]["kernel"]
+    targets_x = x01[image]
+
+    def loss(r):
+      new = kernel.at[0, 0, targets].set(r, mode="drop")
+      p = {**dvae, "decoder": {**dvae["decoder"],
+                               "input": {**dvae["decoder"]["input"], "kernel": new}}}
+      stats = self.model.apply({"params": p}, seed_tokens, method="decode_stats")
+      per_image, _ = self._reconstruction(targets_x, stats)
+      return jnp.sum(jnp.where(keep, per_image, 0.0))
+
+    tx = optax.adam(m.restart_fit_lr)
+
+    def step(_, carry):
+      r, state = carry
+      updates, state = tx.update(jax.grad(loss)(r), state, r)
+      return optax.apply_updates(r, updates), state
+
+    return jax.lax.fori_loop(0, m.restart_fit_steps, step, (rows, tx.init(rows)))[0]
 
   def evaluate(self, params: PyTree, batch: Batch, rng: jax.Array) -> dict[str, jax.Array]:
     del rng
