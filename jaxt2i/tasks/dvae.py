@@ -21,18 +21,17 @@ codes collapse onto a few entries (configs/dvae_shapes.py: 19 of 512 in use), an
 smaller than a token is lost. Every `restart_every` steps, codes unused for a while (an EMA of
 per-batch counts, kept under params["code_usage"]) are restarted as k-means splits its worst
 clusters: the used codes with the largest summed reconstruction error over the batch's token
-positions each donate to one dead code (or, with `restart_seeds="positions"`, the codes of the
-batch's worst-reconstructed positions, one dead code per position). For a donor i with mean encoder features mu_i over its
-positions, and its worst-reconstructed position p with features h_p, the dead code j takes i's
-decoder row and i's logit plus a hyperplane,
+positions each donate to one dead code (or, with `restart_seeds="positions"`, the codes of
+the batch's worst-reconstructed positions, one dead code per position). For a donor i with
+mean encoder features mu_i over its positions, and its (worst-reconstructed) seed position p
+with features h_p, the dead code j takes i's decoder row and i's logit plus a hyperplane,
 
     logit_j(h) = logit_i(h) + eps * (h - (h_p + mu_i) / 2) . (h_p - mu_i),
 
 with eps setting the margin at h_p to `restart_margin` nats, or less where the plane would move
 some logit of the batch by more than that: j wins the positions nearer h_p than mu_i (and at
 most those of other codes within that margin of winning there), and training moves its
-decoder row towards what they need (or, with `restart_fit_steps`, a few Adam steps on the
-seed's image fit the row first). The restart is a function of the params, the batch and
+decoder row towards what they need. The restart is a function of the params, the batch and
 the step, so a resumed run repeats it exactly.
 """
 
@@ -44,7 +43,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from jaxt2i.models.dvae import (LOGIT_LAPLACE_EPS, DiscreteVAE, check_fields, kl_to_uniform,
                                 logit_laplace_nll, map_pixels, stats_to_pixels)
@@ -137,13 +135,9 @@ class DiscreteVAETask(Task):
     m.restart_start = 0
     m.restart_until = 0
     m.restart_margin = 1.0           # nats a restarted code leads its donor by at its seed
-    # 0: a restarted code starts from its donor's decoder row. N: then N Adam steps (step size
-    # restart_fit_lr) fit that row to its seed's image, the seed decoded with the new code.
-    m.restart_fit_steps = 0
     # Where restarts go: "donors", the worst position of each of the codes with the largest
     # summed error; "positions", the worst positions of the batch, whatever their codes.
     m.restart_seeds = "donors"
-    m.restart_fit_lr = 0.05
     return m
 
   def validate(self) -> None:
@@ -167,8 +161,7 @@ class DiscreteVAETask(Task):
       raise ConfigError(f"config.model.temperature_end={m.temperature_end} must be in "
                         f"(0, temperature_start={m.temperature_start}]")
     for name in ("kl_weight", "kl_warmup_steps", "temperature_steps", "restart_every",
-                 "restart_count", "restart_start", "restart_until", "restart_margin",
-                 "restart_fit_steps", "restart_fit_lr"):
+                 "restart_count", "restart_start", "restart_until", "restart_margin"):
       if not isinstance(m[name], (int, float)) or isinstance(m[name], bool) or m[name] < 0:
         raise ConfigError(f"config.model.{name}={m[name]!r}: must be >= 0")
     if m.restart_seeds not in RESTART_SEEDS:
@@ -307,11 +300,7 @@ class DiscreteVAETask(Task):
     new_kernel = kernel.at[:, targets].set(kernel[:, donors] + (eps[:, None] * d).T,
                                            mode="drop")
     new_bias = enc["bias"].at[targets].set(enc["bias"][donors] - offset, mode="drop")
-    rows = dec[0, 0][donors]
-    if m.restart_fit_steps:
-      rows = jax.lax.cond(jnp.any(ok), self._fit_rows, lambda _, r, *__: r, params, rows,
-                          targets, seeds, tokens, x01)
-    new_dec = dec[0, 0].at[targets].set(rows, mode="drop")
+    new_dec = dec[0, 0].at[targets].set(dec[0, 0][donors], mode="drop")
     deltas = {"dvae": {
         "encoder": {"output": {"kernel": (new_kernel - kernel)[None, None],
                                "bias": new_bias - enc["bias"]}},
@@ -319,42 +308,6 @@ class DiscreteVAETask(Task):
     usage = usage.at[targets].set(RESTART_USAGE, mode="drop")
     return {STATE_DELTAS: deltas, STATE_UPDATES: {"code_usage": usage},
             "restarted": jnp.sum(ok), "live_codes": jnp.sum(usage >= DEAD_BELOW)}
-
-  def _fit_rows(self, params: PyTree, rows: jax.Array, targets: jax.Array, seeds: jax.Array,
-                tokens: jax.Array, x01: jax.Array) -> jax.Array:
-    """Decoder rows [n, width] for the restarted codes `targets` (k: none), started at
-    `rows`: `restart_fit_steps` Adam steps on the reconstruction loss of each seed's image,
-    decoded from its argmax tokens with the seed position's token replaced by the new code
-    (one image per restart, so restarts seeded in one image do not see each other)."""
-    m = self.config.model
-    k = m.vocab_size
-    b, h, w = tokens.shape
-    image, where = seeds // (h * w), seeds % (h * w)
-    keep = targets < k
-    seed_tokens = tokens.reshape(b, h * w)[image]                         # [n, h*w]
-    seed_tokens = seed_tokens.at[jnp.arange(len(seeds)), where].set(
-        jnp.where(keep, targets, seed_tokens[jnp.arange(len(seeds)), where]))
-    seed_tokens = seed_tokens.reshape(-1, h, w)
-    dvae = jax.lax.stop_gradient(params["dvae"])
-    kernel = dvae["decoder"]["input"]["kernel"]
-    targets_x = x01[image]
-
-    def loss(r):
-      new = kernel.at[0, 0, targets].set(r, mode="drop")
-      p = {**dvae, "decoder": {**dvae["decoder"],
-                               "input": {**dvae["decoder"]["input"], "kernel": new}}}
-      stats = self.model.apply({"params": p}, seed_tokens, method="decode_stats")
-      per_image, _ = self._reconstruction(targets_x, stats)
-      return jnp.sum(jnp.where(keep, per_image, 0.0))
-
-    tx = optax.adam(m.restart_fit_lr)
-
-    def step(_, carry):
-      r, state = carry
-      updates, state = tx.update(jax.grad(loss)(r), state, r)
-      return optax.apply_updates(r, updates), state
-
-    return jax.lax.fori_loop(0, m.restart_fit_steps, step, (rows, tx.init(rows)))[0]
 
   def evaluate(self, params: PyTree, batch: Batch, rng: jax.Array) -> dict[str, jax.Array]:
     del rng
