@@ -294,33 +294,6 @@ def test_codebook_restart_splits_the_worst_positions_off_their_codes():
     DiscreteVAETask(tiny(**{"model.restart_every": 10, "train.grad_accum_steps": 2})).validate()
 
 
-def test_codebook_restart_by_positions_takes_the_worst_positions():
-  """restart_seeds="positions": the batch's worst-reconstructed positions each get a new code,
-  whichever codes they had."""
-  from jaxt2i.tasks.dvae import RESTART_USAGE
-  from jaxt2i.training.trainer import _replace_leaves
-  task = DiscreteVAETask(tiny(**{"model.restart_every": 10, "model.restart_count": 3,
-                                 "model.restart_seeds": "positions"}))
-  task.validate()
-  batch = {"image": jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)}
-  params = random_params(lambda rng, b: {"params": task.init(rng, b)}, batch)
-  params["code_usage"] = jnp.zeros_like(params["code_usage"])
-  out = jax.jit(lambda p: task.loss(p, batch, jax.random.key(2), step=jnp.int32(10))[1])(params)
-  assert int(out["restarted"]) == 3
-  x01 = task._to_unit(batch["image"])
-  tokens = task.encode_tokens(params, batch["image"])
-  recon = task.decode_tokens(params, tokens)
-  err = np.square(np.asarray(task._to_unit(recon) - x01)).reshape(2, 8, 4, 8, 4, 3).sum((2, 4, 5))
-  worst = np.argsort(err.reshape(-1))[-3:]
-  new = _replace_leaves(params, out["state_deltas"], add=True)
-  new_tokens = np.asarray(task.encode_tokens(new, batch["image"])).reshape(-1)
-  restarted = np.flatnonzero(np.asarray(out["state_updates"]["code_usage"])
-                             == RESTART_USAGE)
-  assert set(new_tokens[worst]) <= set(restarted)
-  with pytest.raises(ConfigError, match="restart_seeds='worst'"):
-    DiscreteVAETask(tiny(**{"model.restart_seeds": "worst"})).validate()
-
-
 def test_mse_option_is_the_pixel_squared_error():
   task = DiscreteVAETask(tiny(**{"model.reconstruction": "mse"}))
   task.validate()

@@ -21,10 +21,9 @@ codes collapse onto a few entries (configs/dvae_shapes.py: 19 of 512 in use), an
 smaller than a token is lost. Every `restart_every` steps, codes unused for a while (an EMA of
 per-batch counts, kept under params["code_usage"]) are restarted as k-means splits its worst
 clusters: the used codes with the largest summed reconstruction error over the batch's token
-positions each donate to one dead code (or, with `restart_seeds="positions"`, the codes of
-the batch's worst-reconstructed positions, one dead code per position). For a donor i with
-mean encoder features mu_i over its positions, and its (worst-reconstructed) seed position p
-with features h_p, the dead code j takes i's decoder row and i's logit plus a hyperplane,
+positions each donate to one dead code. For a donor i with mean encoder features mu_i over its
+positions, and its worst-reconstructed position p with features h_p, the dead code j takes i's
+decoder row and i's logit plus a hyperplane,
 
     logit_j(h) = logit_i(h) + eps * (h - (h_p + mu_i) / 2) . (h_p - mu_i),
 
@@ -55,7 +54,6 @@ DVAE_FIELDS = ("vocab_size", "hidden", "init_width", "blocks_per_group", "downsa
                "channels")
 RECONSTRUCTIONS = ("logit_laplace", "mse")
 TEMPERATURE_SCHEDULES = ("cosine", "exponential")
-RESTART_SEEDS = ("donors", "positions")
 # Codebook restarts (module docstring): the EMA decay of per-batch code counts; a code counted
 # less than DEAD_BELOW times per batch (and not at all in the current one) is dead; a restarted
 # code starts at RESTART_USAGE, so it is not restarted again for ~230 steps unless it is used.
@@ -135,9 +133,6 @@ class DiscreteVAETask(Task):
     m.restart_start = 0
     m.restart_until = 0
     m.restart_margin = 1.0           # nats a restarted code leads its donor by at its seed
-    # Where restarts go: "donors", the worst position of each of the codes with the largest
-    # summed error; "positions", the worst positions of the batch, whatever their codes.
-    m.restart_seeds = "donors"
     return m
 
   def validate(self) -> None:
@@ -164,9 +159,6 @@ class DiscreteVAETask(Task):
                  "restart_count", "restart_start", "restart_until", "restart_margin"):
       if not isinstance(m[name], (int, float)) or isinstance(m[name], bool) or m[name] < 0:
         raise ConfigError(f"config.model.{name}={m[name]!r}: must be >= 0")
-    if m.restart_seeds not in RESTART_SEEDS:
-      raise ConfigError(f"config.model.restart_seeds={m.restart_seeds!r}: choose one of "
-                        f"{list(RESTART_SEEDS)}")
     if m.restart_every and self.config.train.grad_accum_steps != 1:
       raise ConfigError(f"config.model.restart_every={m.restart_every} needs "
                         f"train.grad_accum_steps=1 (got {self.config.train.grad_accum_steps}): "
@@ -265,21 +257,15 @@ class DiscreteVAETask(Task):
       now &= step < m.restart_until
     n = min(m.restart_count, k)
     (targets,) = jnp.nonzero(dead, size=n, fill_value=k)  # k: no dead code left
-    if m.restart_seeds == "donors":
-      # The donors: the n codes with the largest summed error (at most one restart each, so
-      # restarts do not compete for one cluster); each one's seed is its worst position.
-      distortion = jnp.zeros((k,), jnp.float32).at[tok].add(err)
-      seed_err, donors = jax.lax.top_k(distortion, n)
-      worst = jnp.zeros((k,), jnp.float32).at[tok].max(err)
-      index = jnp.arange(tok.shape[0])
-      seed_of = jnp.full((k,), tok.shape[0]).at[tok].min(
-          jnp.where(err == worst[tok], index, tok.shape[0]))
-      seeds = jnp.minimum(seed_of[donors], tok.shape[0] - 1)
-    else:
-      # The seeds: the n worst-reconstructed positions, whatever their codes (a rare object
-      # that a frequent code draws badly is not outweighed by that code's many good patches).
-      seed_err, seeds = jax.lax.top_k(err, n)
-      donors = tok[seeds]
+    # The donors: the n codes with the largest summed error (at most one restart each, so
+    # restarts do not compete for one cluster); each one's seed is its worst position.
+    distortion = jnp.zeros((k,), jnp.float32).at[tok].add(err)
+    seed_err, donors = jax.lax.top_k(distortion, n)
+    worst = jnp.zeros((k,), jnp.float32).at[tok].max(err)
+    index = jnp.arange(tok.shape[0])
+    seed_of = jnp.full((k,), tok.shape[0]).at[tok].min(
+        jnp.where(err == worst[tok], index, tok.shape[0]))
+    seeds = jnp.minimum(seed_of[donors], tok.shape[0] - 1)
     mean = (jnp.zeros((k, feats.shape[-1]), jnp.float32).at[tok].add(feats)
             / jnp.maximum(counts, 1.0)[:, None])
     d = feats[seeds] - mean[donors]                           # [n, F]
