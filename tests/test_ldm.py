@@ -18,7 +18,9 @@ sys.path.insert(0, str(REPO))
 from configs.autoencoder_shapes import get_config as ae_config  # noqa: E402
 from configs.ldm_shapes import get_config as ldm_config  # noqa: E402
 
-pytestmark = pytest.mark.timeout(300)
+# 600: the first test to use `ldm_run` also trains it (130-230 s of setup on 2 cores, more
+# on a shared machine), and pytest-timeout counts fixture setup.
+pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
