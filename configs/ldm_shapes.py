@@ -39,8 +39,9 @@ def get_config(arg: str | None = None):
   config.checkpoint.every_steps = 500
   config.model.text_width = 128
   config.model.text_depth = 2
-  # 16x16x4 latents: levels at 16, 8 and 4 latent pixels, cross-attention to the caption at
-  # every level (where an object sits and what it looks like are both caption-dependent).
+  # 16x16 latents (4 channels from the demo first stage, 8 from the reference one): levels at
+  # 16, 8 and 4 latent pixels, cross-attention to the caption at every level (where an object
+  # sits and what it looks like are both caption-dependent).
   config.model.block_out_channels = (64, 128, 128)
   config.model.layers_per_block = 1
   config.model.down_block_types = ("CrossAttnDownBlock2D",) * 3
