@@ -1,6 +1,6 @@
 """DALL-E on shapes-v1: a sparse-attention transformer over 16 caption tokens followed by the
-16x16 tokens of a trained discrete VAE (configs/dvae_shapes.py), optionally reranked by CLIP
-(configs/clip_shapes.py).
+image tokens of a trained discrete VAE (configs/dvae_shapes.py: 32x32 for its `reference`,
+16x16 for its `demo`), optionally reranked by CLIP (configs/clip_shapes.py).
 
 Launch (after training the dVAE into DVAE_DIR, and for reranking CLIP into CLIP_DIR):
   jaxt2i train --config configs/dalle_shapes.py:demo --workdir workdirs/dalle \\
@@ -49,6 +49,7 @@ def get_config(arg: str | None = None):
 
   if variant == "reference":
     config.train.num_steps = 6000         # total optimizer steps
+    config.model.conv_kernel = 11         # the paper's window, for the reference dVAE's 32 x 32
   elif variant == "demo":
     config.train.num_steps = 1000         # total optimizer steps
     config.train.eval_every = 0           # scored by `jaxt2i eval` afterwards

@@ -1,11 +1,12 @@
-"""The DALL-E discrete VAE on shapes-v1: 64x64 images -> 16x16 tokens of a 512-code book (f = 4).
+"""The DALL-E discrete VAE on shapes-v1: 64x64 images -> a grid of tokens of a 512-code book:
+32x32 (f = 2, the paper's grid; `reference`) or 16x16 (f = 4; `demo`, `tiny`).
 
 Launch:
   jaxt2i train --config configs/dvae_shapes.py:demo --workdir workdirs/dvae
 Variants (`:NAME`):
   tiny       CPU smoke test: shapes_v1/tiny (32 px), a few steps, small widths.
   demo       shapes_v1/64, short (~8 minutes on a 2-core CPU): a first stage for DALL-E demos.
-  reference  shapes_v1/64, the recipe for good hard-token reconstructions (~31.5 dB).
+  reference  shapes_v1/64, 32x32 tokens: the recipe for good hard-token reconstructions.
 Override any field: --config.model.vocab_size=1024 --config.batch_size=64
 Parallelism presets (`:NAME,PRESET`, e.g. `:demo,fsdp`): dp (replicated weights), fsdp
 (weights and Adam state sharded over all devices), fsdp_tp (tensor-parallel width 2).
@@ -22,7 +23,7 @@ def get_config(arg: str | None = None):
   config.task = "dvae"
   config.model = DiscreteVAETask.default_model_config()
   config.data.name = "shapes_v1/64"       # flat-coloured shapes with captions (captions unused)
-  config.data.image_size = 64             # 64 px / f 4 = 16 x 16 tokens per image
+  config.data.image_size = 64             # 64 px / f = 16 x 16 tokens per image at f 4
   config.data.worker_count = 1            # one grain worker keeps decoding off the step
   config.batch_size = 32                  # images per step
   config.train.ema_decay = 0.0            # the dVAE is used as trained (frozen by DALL-E)
@@ -35,7 +36,7 @@ def get_config(arg: str | None = None):
   config.model.hidden = 16                # encoder widths 16 / 32 / 64, decoder 64 / 32 / 16
   config.model.init_width = 64            # decoder width after the code input
   config.model.blocks_per_group = 1       # residual blocks per group (3 groups at f = 4)
-  config.model.downsample_factor = 4      # 16 x 16 tokens (8 would give 8 x 8)
+  config.model.downsample_factor = 4      # 16 x 16 tokens (2: 32 x 32, 8: 8 x 8)
   # Squared error, not the paper's logit-Laplace NLL: shapes-v1 is ~95% exactly flat black
   # background, where that NLL has no lower bound (the log-scale runs to -inf); in our runs
   # its ever larger gradients there swamped everything else and the codes never learned the
@@ -54,11 +55,17 @@ def get_config(arg: str | None = None):
 
   if variant == "reference":
     config.train.num_steps = 3000         # total optimizer steps
+    # 32 x 32 tokens of 2 x 2 px (the paper's grid: 256 px at f = 8). With 16 x 16 tokens of
+    # 4 x 4 px the same recipe ends at 31.5 dB and 0.773 fully correct: a small cross's 3.8 px
+    # bars are thinner than a token and no code draws them (50 of 54 lost). At f = 2, on 1000
+    # test images: 32.3 dB, 0.955 fully correct (small crosses 23 of 176 lost); 0.65 steps/s
+    # on a 2-core CPU. The transformer's stream is then 4x longer, its step 4.5x slower
+    # (configs/dalle_shapes.py:reference; benchmarks/RESULTS.md).
+    config.model.downsample_factor = 2    # 32 x 32 tokens
     # Codebook restarts (tasks/dvae.py) every 100 steps from 300 to 2200, up to 32 codes each
-    # time. On 1000 test images (2-core CPU, 1.8 steps/s, 28 min) they took the hard tokens
-    # from 29.7 to 31.5 dB PSNR, 19 to 45 codes in use, and the reconstructions' shapes-v1
-    # score from 0.676 to 0.773 fully correct (small triangles 10 -> 1 of 51 wrong; small
-    # crosses, whose 3.8 px bars are thinner than a token, stay mostly lost: 50 of 54).
+    # time. On 1000 test images at f = 4 (2-core CPU, 1.8 steps/s, 28 min) they took the hard
+    # tokens from 29.7 to 31.5 dB PSNR, 19 to 45 codes in use, and the reconstructions'
+    # shapes-v1 score from 0.676 to 0.773 fully correct (small triangles 10 -> 1 of 51 wrong).
     config.model.restart_every = 100      # steps between restarts
     config.model.restart_start = 300      # first restart (the relaxation still soft)
     config.model.restart_until = 2200     # the last 800 steps train the final codebook
