@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
   config.task = "dvae"
   config.model = DiscreteVAETask.default_model_config()
   config.data.name = "shapes_v1/64"       # flat-coloured shapes with captions (captions unused)
-  config.data.image_size = 64             # 64 px / f = 16 x 16 tokens per image at f 4
+  config.data.image_size = 64             # 64 px / f: 16 x 16 tokens at f = 4, 32 x 32 at 2
   config.data.worker_count = 1            # one grain worker keeps decoding off the step
   config.batch_size = 32                  # images per step
   config.train.ema_decay = 0.0            # the dVAE is used as trained (frozen by DALL-E)
