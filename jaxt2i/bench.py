@@ -114,16 +114,36 @@ def matmul_ceiling(sizes: Sequence[int] | None = None, dtype: Any = None,
   return {"flops_per_s": rates[best], "best_size": best, "by_size": rates, "dtype": dtype}
 
 
+def cpu_name(cpuinfo: str | None = None) -> str:
+  """The CPU a number ran on, as /proc/cpuinfo names it, plus its family / model and widest
+  vector unit where listed: cloud VMs often name only the vendor line ("AMD EPYC"), which
+  covers chips whose float32 matmul peaks differ by more than 2x (AVX2 against AVX-512)."""
+  if cpuinfo is None:
+    try:
+      cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+      return platform.processor() or "unknown CPU"
+  fields: dict[str, str] = {}
+  for line in cpuinfo.splitlines():
+    if not line.strip():
+      break  # the first processor's block is enough
+    key, _, value = line.partition(":")
+    fields.setdefault(key.strip(), value.strip())
+  name = fields.get("model name") or platform.processor() or "unknown CPU"
+  details = []
+  if "cpu family" in fields and "model" in fields:
+    details.append(f"family {fields['cpu family']} model {fields['model']}")
+  flags = set(fields.get("flags", "").split())
+  simd = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
+                                         ("avx", "AVX")) if flag in flags), None)
+  if simd:
+    details.append(simd)
+  return f"{name} ({', '.join(details)})" if details else name
+
+
 def environment() -> dict:
   """Date, CPU, devices, Python and library versions: what a recorded number ran on."""
-  cpu = platform.processor()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
+  cpu = cpu_name()
   versions = {}
   for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
                   "tensorflow-datasets", "numpy", "torch", "diffusers"):

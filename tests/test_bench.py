@@ -121,6 +121,19 @@ def test_synthetic_batch_has_the_task_batch_spec():
   assert batch["image"].min() >= config.data.value_range[0]
 
 
+def test_cpu_name_tells_apart_chips_of_one_vendor_line():
+  # Two VMs that both call themselves "AMD EPYC": the family / model and vector width say
+  # which one a recorded number came from.
+  milan = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+           "model name\t: AMD EPYC\nflags\t\t: fpu sse2 fma avx avx2\n\n"
+           "processor\t: 1\nmodel name\t: something else\n")
+  genoa = milan.replace("model\t\t: 1", "model\t\t: 17").replace("avx2", "avx2 avx512f")
+  assert bench.cpu_name(milan) == "AMD EPYC (family 25 model 1, AVX2)"
+  assert bench.cpu_name(genoa) == "AMD EPYC (family 25 model 17, AVX-512)"
+  assert bench.cpu_name("model name\t: Some ARM core\n") == "Some ARM core"
+  assert bench.environment()["cpu"] == bench.cpu_name()
+
+
 def test_harness_shares_the_ceiling_measurement():
   assert harness.matmul_ceiling is bench.matmul_ceiling and harness.time_fn is bench.time_fn
   ceiling = bench.matmul_ceiling(sizes=(64,), repeats=1)
