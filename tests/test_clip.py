@@ -214,6 +214,42 @@ def test_rerank_is_stable_and_descending():
     clip_score_lib.rerank(with_nan, 2)
 
 
+def test_rerank_gain_against_hand_counts():
+  # Prompt 0: the CLIP-best of 2 is the correct one; of 4, a wrong one (score 0.9) wins.
+  # Prompt 1: none correct. Prompt 2: all correct. Prompt 3: a tie the lower index wins.
+  scores = np.array([[0.1, 0.5, 0.3, 0.9],
+                     [0.4, 0.3, 0.2, 0.1],
+                     [0.0, 0.1, 0.2, 0.3],
+                     [0.7, 0.7, 0.1, 0.1]])
+  correct = np.array([[0, 1, 0, 0],
+                      [0, 0, 0, 0],
+                      [1, 1, 1, 1],
+                      [0, 1, 1, 0]], bool)
+  got = clip_score_lib.rerank_gain(scores, correct)
+  assert [c["n"] for c in got["curve"]] == [1, 2, 4]
+  n1, n2, n4 = got["curve"]
+  assert n1 == {"n": 1, "reranked": 0.25, "single": 0.25, "oracle": 0.25}
+  assert n2 == {"n": 2, "reranked": 0.5, "single": 0.5, "oracle": 0.75}
+  assert n4 == {"n": 4, "reranked": 0.25, "single": 7 / 16, "oracle": 0.75}
+  # (correct, wrong) pairs within a prompt: prompt 0 has 3 (0.5 > 0.1, 0.5 > 0.3, 0.5 < 0.9),
+  # prompt 3 has 4 (0.7 = 0.7 counts half, 0.7 > 0.1, 0.1 < 0.7, 0.1 = 0.1 counts half).
+  assert got["pairs"] == 7
+  assert got["pairwise_accuracy"] == pytest.approx((2 + 0.5 + 1 + 0 + 0.5) / 7)
+  assert (got["prompts"], got["candidates"]) == (4, 4)
+  # A reranker that knows the answer reaches the oracle; one that knows nothing, chance.
+  perfect = clip_score_lib.rerank_gain(correct.astype(float), correct, counts=[4])
+  assert perfect["curve"][0]["reranked"] == perfect["curve"][0]["oracle"] == 0.75
+  assert perfect["pairwise_accuracy"] == 1.0
+  assert np.isnan(clip_score_lib.rerank_gain(scores, np.zeros((4, 4), bool))
+                  ["pairwise_accuracy"])
+  with pytest.raises(ValueError, match="must both be \\[prompts, candidates\\]"):
+    clip_score_lib.rerank_gain(scores, correct[:, :3])
+  with pytest.raises(ValueError, match="count 5 must be an integer in \\[1, 4\\]"):
+    clip_score_lib.rerank_gain(scores, correct, counts=[5])
+  with pytest.raises(ValueError, match="booleans"):
+    clip_score_lib.rerank_gain(scores, correct * 2)
+
+
 def test_per_pair_score_formula():
   np.testing.assert_allclose(clip_score_lib.per_pair_score([-0.5, 0.0, 0.3, 1.0]),
                              [0.0, 0.0, 30.0, 100.0])

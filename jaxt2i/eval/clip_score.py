@@ -130,3 +130,50 @@ def rerank(scores: Any, k: int) -> Any:
     raise ValueError(f"scores hold NaN (rows {rows[:8]}): a NaN candidate cannot be ranked")
   # A stable sort of the negated scores: descending, ties in index order.
   return np.argsort(-scores, axis=1, kind="stable")[:, :int(k)]
+
+
+def rerank_gain(scores: Any, correct: Any, counts: Sequence[int] | None = None
+                ) -> dict[str, Any]:
+  """How much keeping the CLIP-best of n candidates helps, against its two bounds.
+
+  `scores` [P, N]: a reranker's score of every candidate of P prompts (higher is better);
+  `correct` [P, N]: whether each candidate is right (e.g. shapes-v1 fully correct). For each
+  n in `counts` (default 1, 2, 4, ... up to N), over the first n candidates of every prompt:
+    - `reranked`: the fraction of prompts whose CLIP-best candidate is correct (ties keep the
+      lower index, as `rerank` does);
+    - `single`: the expected fraction for one candidate drawn at random (no reranking);
+    - `oracle`: the fraction of prompts with at least one correct candidate (a perfect
+      reranker's score).
+  Also `pairwise_accuracy`: over all (correct, wrong) candidate pairs of the same prompt, the
+  fraction the scores order correctly (ties count half); 0.5 is a reranker that knows
+  nothing, 1.0 a perfect one; NaN when no prompt has both kinds.
+  """
+  scores = np.asarray(scores, np.float64)
+  correct = np.asarray(correct)
+  if scores.ndim != 2 or scores.shape != correct.shape:
+    raise ValueError(f"scores {scores.shape} and correct {correct.shape} must both be "
+                     "[prompts, candidates]")
+  if correct.dtype != bool and not np.isin(correct, (0, 1)).all():
+    raise ValueError("correct must hold booleans (or 0 / 1)")
+  correct = correct.astype(bool)
+  num = scores.shape[1]
+  if counts is None:
+    counts = [2 ** i for i in range(num.bit_length()) if 2 ** i <= num]
+  curve = []
+  for n in counts:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= num:
+      raise ValueError(f"count {n!r} must be an integer in [1, {num}]")
+    best = rerank(scores[:, :n], 1)[:, 0]
+    curve.append({"n": int(n),
+                  "reranked": float(correct[np.arange(len(best)), best].mean()),
+                  "single": float(correct[:, :n].mean()),
+                  "oracle": float(correct[:, :n].any(axis=1).mean())})
+  # Within each prompt: sign of (score of a correct one - score of a wrong one).
+  diff = scores[:, :, None] - scores[:, None, :]
+  pairs = correct[:, :, None] & ~correct[:, None, :]
+  num_pairs = int(pairs.sum())
+  accuracy = float("nan")
+  if num_pairs:
+    accuracy = float(((diff > 0) + 0.5 * (diff == 0))[pairs].sum() / num_pairs)
+  return {"curve": curve, "pairwise_accuracy": accuracy, "pairs": num_pairs,
+          "prompts": int(scores.shape[0]), "candidates": int(num)}
