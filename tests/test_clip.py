@@ -242,12 +242,21 @@ def test_rerank_gain_against_hand_counts():
   assert perfect["pairwise_accuracy"] == 1.0
   assert np.isnan(clip_score_lib.rerank_gain(scores, np.zeros((4, 4), bool))
                   ["pairwise_accuracy"])
+  # Graded quality: the CLIP-best's quality against the mean and the best of the first n.
+  graded = clip_score_lib.rerank_gain(scores[:1], [[0.2, 0.6, 1.0, 0.4]], counts=[2, 4])
+  assert graded["curve"] == [{"n": 2, "reranked": 0.6, "single": 0.4, "oracle": 0.6},
+                             {"n": 4, "reranked": 0.4, "single": 0.55, "oracle": 1.0}]
+  # Pairs by quality: 0.6 > 0.2 (scores 0.5 > 0.1: right), 1.0 > each other one (its 0.3
+  # beats only 0.1), 0.4 > 0.2 (0.9 > 0.1: right), 0.6 > 0.4 (0.5 < 0.9: wrong): 3 of 6.
+  assert graded["pairs"] == 6 and graded["pairwise_accuracy"] == pytest.approx(3 / 6)
   with pytest.raises(ValueError, match="must both be \\[prompts, candidates\\]"):
     clip_score_lib.rerank_gain(scores, correct[:, :3])
   with pytest.raises(ValueError, match="count 5 must be an integer in \\[1, 4\\]"):
     clip_score_lib.rerank_gain(scores, correct, counts=[5])
-  with pytest.raises(ValueError, match="booleans"):
-    clip_score_lib.rerank_gain(scores, correct * 2)
+  with pytest.raises(ValueError, match="NaN"):
+    clip_score_lib.rerank_gain(scores, np.full((4, 4), np.nan))
+  with pytest.raises(ValueError, match="numbers or booleans"):
+    clip_score_lib.rerank_gain(scores, np.full((4, 4), "yes"))
 
 
 def test_per_pair_score_formula():

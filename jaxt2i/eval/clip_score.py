@@ -132,30 +132,32 @@ def rerank(scores: Any, k: int) -> Any:
   return np.argsort(-scores, axis=1, kind="stable")[:, :int(k)]
 
 
-def rerank_gain(scores: Any, correct: Any, counts: Sequence[int] | None = None
+def rerank_gain(scores: Any, quality: Any, counts: Sequence[int] | None = None
                 ) -> dict[str, Any]:
   """How much keeping the CLIP-best of n candidates helps, against its two bounds.
 
   `scores` [P, N]: a reranker's score of every candidate of P prompts (higher is better);
-  `correct` [P, N]: whether each candidate is right (e.g. shapes-v1 fully correct). For each
-  n in `counts` (default 1, 2, 4, ... up to N), over the first n candidates of every prompt:
-    - `reranked`: the fraction of prompts whose CLIP-best candidate is correct (ties keep the
-      lower index, as `rerank` does);
-    - `single`: the expected fraction for one candidate drawn at random (no reranking);
-    - `oracle`: the fraction of prompts with at least one correct candidate (a perfect
-      reranker's score).
-  Also `pairwise_accuracy`: over all (correct, wrong) candidate pairs of the same prompt, the
-  fraction the scores order correctly (ties count half); 0.5 is a reranker that knows
-  nothing, 1.0 a perfect one; NaN when no prompt has both kinds.
+  `quality` [P, N]: how good each candidate is, e.g. whether it is right (booleans: shapes-v1
+  fully correct) or the fraction of its attributes that are. For each n in `counts` (default
+  1, 2, 4, ... up to N), over the first n candidates of every prompt, the mean over prompts of:
+    - `reranked`: the quality of the CLIP-best candidate (ties keep the lower index, as
+      `rerank` does);
+    - `single`: the expected quality of one candidate drawn at random (no reranking);
+    - `oracle`: the best candidate's quality (what a perfect reranker would keep).
+  Also `pairwise_accuracy`: over all candidate pairs of the same prompt whose quality differs,
+  the fraction the scores order the same way (ties count half); 0.5 is a reranker that knows
+  nothing, 1.0 a perfect one; NaN when no prompt has such a pair.
   """
   scores = np.asarray(scores, np.float64)
-  correct = np.asarray(correct)
-  if scores.ndim != 2 or scores.shape != correct.shape:
-    raise ValueError(f"scores {scores.shape} and correct {correct.shape} must both be "
+  quality = np.asarray(quality)
+  if scores.ndim != 2 or scores.shape != quality.shape:
+    raise ValueError(f"scores {scores.shape} and quality {quality.shape} must both be "
                      "[prompts, candidates]")
-  if correct.dtype != bool and not np.isin(correct, (0, 1)).all():
-    raise ValueError("correct must hold booleans (or 0 / 1)")
-  correct = correct.astype(bool)
+  if not (np.issubdtype(quality.dtype, np.number) or quality.dtype == bool):
+    raise ValueError(f"quality must be numbers or booleans, got dtype {quality.dtype}")
+  quality = quality.astype(np.float64)
+  if not np.isfinite(quality).all():
+    raise ValueError("quality holds NaN or infinite values")
   num = scores.shape[1]
   if counts is None:
     counts = [2 ** i for i in range(num.bit_length()) if 2 ** i <= num]
@@ -165,12 +167,12 @@ def rerank_gain(scores: Any, correct: Any, counts: Sequence[int] | None = None
       raise ValueError(f"count {n!r} must be an integer in [1, {num}]")
     best = rerank(scores[:, :n], 1)[:, 0]
     curve.append({"n": int(n),
-                  "reranked": float(correct[np.arange(len(best)), best].mean()),
-                  "single": float(correct[:, :n].mean()),
-                  "oracle": float(correct[:, :n].any(axis=1).mean())})
-  # Within each prompt: sign of (score of a correct one - score of a wrong one).
+                  "reranked": float(quality[np.arange(len(best)), best].mean()),
+                  "single": float(quality[:, :n].mean()),
+                  "oracle": float(quality[:, :n].max(axis=1).mean())})
+  # Within each prompt: sign of (score of the better one - score of the worse one).
   diff = scores[:, :, None] - scores[:, None, :]
-  pairs = correct[:, :, None] & ~correct[:, None, :]
+  pairs = quality[:, :, None] > quality[:, None, :]
   num_pairs = int(pairs.sum())
   accuracy = float("nan")
   if num_pairs:
