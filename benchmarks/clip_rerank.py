@@ -30,7 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import harness  # noqa: E402
@@ -67,16 +66,16 @@ def main():
   if not clip_dir:
     parser.error(f"{args.dalle} was trained without CLIP (model.clip_workdir): pass --clip")
   m = config.model
-  guidance = None if m.guidance_scale == 1.0 else m.guidance_scale
-  # One draw per row (no in-pipeline reranking): every candidate is kept and judged.
-  draw = jax.jit(lambda p, b, r: task.generate(p, b["tokens"], b["tokens_mask"], r,
-                                               guidance_scale=guidance))
+  # One draw per row (no in-pipeline reranking): every candidate is kept and judged. The
+  # task reads this config when sampling (as `jaxt2i eval`'s sampling overrides do).
+  with config.unlocked():
+    m.num_candidates = 1
   tokenizer = pipeline.load_tokenizer(config.data, args.dalle)
   prompts = runner.eval_prompts(args.num_prompts)
   captions = [c for _, c in prompts]
   k = args.num_candidates
   images = runner.generate_images(task, params, tokenizer, captions, samples_per_prompt=k,
-                                  seed=args.seed, sample_fn=draw)
+                                  seed=args.seed)
   sample_seconds = time.perf_counter() - start
   repeated = [c for c in captions for _ in range(k)]
   evaluator = shapes_eval.load_evaluator(shapes_eval.nearest_evaluator_size(images.shape[1]))
