@@ -10,27 +10,13 @@
 # PSNR and code usage, CLIP's retrieval, each stage's time). Every stage resumes where it
 # stopped, and a finished one returns at once: after an interruption, run it again.
 #
-# PYTHON (default .venv/bin/python if present, else python3) picks the interpreter;
-# DVAE_ARGS, CLIP_ARGS and DALLE_ARGS add config overrides to a stage, e.g.
-# DALLE_ARGS='--config.train.num_steps=1500'. JAXT2I_DATA_DIR / JAXT2I_CACHE_DIR default to
-# .cache/data and .cache/jaxt2i, as for `make demo`.
+# PYTHON picks the interpreter (benchmarks/reference_stages.sh); DVAE_ARGS, CLIP_ARGS and
+# DALLE_ARGS add config overrides to a stage, e.g. DALLE_ARGS='--config.train.num_steps=1500'.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+# shellcheck source=benchmarks/reference_stages.sh
+source "$(dirname "$0")/reference_stages.sh"
 WORKDIR=${1:-workdirs/reference}
 shift || true
-export JAXT2I_DATA_DIR=${JAXT2I_DATA_DIR:-$PWD/.cache/data}
-export JAXT2I_CACHE_DIR=${JAXT2I_CACHE_DIR:-$PWD/.cache/jaxt2i}
-export PYTHONUNBUFFERED=1
-
-stage() {
-  echo "=== $* ($(date +%T))"
-  local start=$SECONDS
-  "$PYTHON" -m jaxt2i "$@"
-  echo "=== $(( SECONDS - start )) s"
-}
 
 stage data build shapes --variant 64
 stage eval train-evaluator --image_size 64
