@@ -113,6 +113,66 @@ def test_sparse_attention_equals_dense_masked(pattern):
       np.testing.assert_allclose(got, want, atol=1e-5, err_msg=case)
 
 
+def test_splash_backend_equals_dense_masked():
+  # JAX's splash-attention kernel (the TPU backend) in Pallas' interpret mode on this CPU:
+  # 4 text + 16 x 20 image tokens pad to three 128-token blocks, so the kernel skips blocks.
+  rng = np.random.default_rng(1)
+  text_len, grid, kernel = 4, (16, 20), (5, 7)
+  length = text_len + grid[0] * grid[1]
+  q, k, v, g = (rng.standard_normal((2, length, 2, 8)).astype(np.float32) for _ in range(4))
+  for pattern in attention.PATTERNS:
+    def splash(q, k, v, pattern=pattern):
+      out, vjp = jax.vjp(functools.partial(
+          attention.sparse_attention, pattern=pattern, text_len=text_len, grid=grid,
+          kernel=kernel, implementation="splash"), q, k, v)
+      return out, vjp(g)
+    out, grads = jax.jit(splash)(q, k, v)
+    want_out, want_grads = _numpy_attention_vjp(
+        q, k, v, attention.pattern_mask(pattern, text_len, grid, kernel), g)
+    np.testing.assert_allclose(out, want_out, atol=1e-5, err_msg=pattern)
+    for got, want in zip(grads, want_grads):
+      np.testing.assert_allclose(got, want, atol=1e-5, err_msg=pattern)
+
+
+def test_splash_backend_under_a_mesh_splits_batch_and_heads():
+  mesh = mesh_lib.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = partitioning.logical_axis_rules("fsdp_tp")
+  rng = np.random.default_rng(2)
+  text_len, grid = 3, (4, 5)
+  q, k, v = (rng.standard_normal((4, 23, 4, 8)).astype(np.float32) for _ in range(3))
+  # Batch 3 divides no batch axis: it stays whole, the heads still split.
+  for x in (q, k, v), tuple(y[:3] for y in (q, k, v)):
+    want = attention.sparse_attention(*x, pattern="column", text_len=text_len, grid=grid)
+    fn = functools.partial(attention.sparse_attention, pattern="column", text_len=text_len,
+                           grid=grid, implementation="splash")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      lowered = jax.jit(fn).lower(*x)
+      got = lowered.compile()(*x)
+    assert "shard_map" in lowered.as_text() or "manual" in lowered.as_text()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_splash_skips_the_blocks_the_pattern_masks(monkeypatch):
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_mask as mask_lib, splash_attention_mask_info as mask_info)
+  # The kernel's own block table agrees with splash_blocks: a block is computed iff some
+  # query in it may attend to some key in it.
+  for pattern, expected in (("row", 17), ("column", 17), ("conv", 30), ("dense", 45)):
+    assert attention.splash_blocks(pattern, 32, (32, 32)) == (expected, 81)
+    info, _ = mask_info.process_mask(
+        mask_lib.MultiHeadMask([mask_lib.NumpyMask(attention._splash_mask(
+            pattern, 32, (32, 32), (11, 11)))]),
+        (attention.SPLASH_BLOCK, attention.SPLASH_BLOCK))
+    assert int(np.count_nonzero(info.block_mask)) == expected, pattern
+  # "auto" picks it on TPUs only; the generic entry point does not know it.
+  q = jnp.zeros((1, 8, 1, 4))
+  assert attention.resolve_sparse_implementation("auto", q, q) == "einsum"
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert attention.resolve_sparse_implementation("auto", q, q) == "splash"
+  with pytest.raises(ValueError, match="'flash' is unknown; choose one of"):
+    attention.resolve_sparse_implementation("flash", q, q)
+
+
 def test_bad_patterns_are_named():
   q = jnp.zeros((1, 11, 2, 4))
   with pytest.raises(ValueError, match="'diagonal' is unknown"):
@@ -227,6 +287,19 @@ def test_cached_decoding_matches_forward_at_every_image_position(params):
     logits, cache = decode(variables, flat[:, j:j + 1], cache, jnp.int32(MODEL.text_len + j))
     got.append(logits)
   np.testing.assert_allclose(np.stack(got, axis=1), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_splash_model_matches_default_and_decodes(params):
+  # The whole model on the splash backend; decoding (one query per step) takes the default.
+  model = MODEL.clone(attention_implementation="splash")
+  text, image = _inputs()
+  want = _forward({"params": params}, text, image)
+  got = jax.jit(model.apply)({"params": params}, text, image)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+  decode = jax.jit(functools.partial(model.apply, method=tr.Transformer.decode))
+  logits, _ = decode({"params": params}, text, tr.init_cache(model, BATCH), 0)
+  np.testing.assert_allclose(logits, want[1][:, 0], atol=1e-5, rtol=1e-5)
 
 
 @functools.lru_cache(maxsize=None)

@@ -48,6 +48,15 @@ Gathering [text + halo] key blocks per row instead copies every key ~7 times for
 runs narrow [n, T + K] matmuls; on the 2-core benchmark machine that made conv at 32 x 32
 slower than dense masked attention, and the parts run it ~2x faster than dense. The jax.nn
 backends take the gathered blocks ([B * G, T + K, H, D]) under each block's mask.
+On TPUs (`auto` there, or `implementation="splash"` anywhere) `sparse_attention` runs the
+pattern through JAX's Pallas splash-attention kernel (the block-sparse flash attention of
+jax.experimental.pallas.ops.tpu): the stream is padded to a multiple of SPLASH_BLOCK, for
+`column` the image tokens are put in column-major order (the paper's transposed states, so a
+column is contiguous), and the kernel skips every SPLASH_BLOCK x SPLASH_BLOCK block of the
+pattern's mask that is all False, in the forward and both backward kernels. Under a mesh it
+runs inside `jax.shard_map` over the batch and heads axes of the logical rules (a Mosaic
+kernel cannot be partitioned automatically). Elsewhere it runs in Pallas' interpret mode:
+exact, slow, for tests.
 `CausalSelfAttention` is the Linen module over it, with a static-shaped key/value cache for
 one-token-at-a-time decoding.
 """
@@ -61,6 +70,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxt2i.parallel.partitioning import fit_spec
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
 
@@ -652,6 +663,109 @@ def _image_rows(x, text_len, grid, column):
   return jnp.transpose(x, (0, 3, 2, 1, 4) if column else (0, 3, 1, 2, 4))
 
 
+SPARSE_IMPLEMENTATIONS = IMPLEMENTATIONS + ("splash",)
+# Query and key block of the splash kernel: TPU tiles want multiples of 128.
+SPLASH_BLOCK = 128
+
+
+def resolve_sparse_implementation(implementation: str, q: jax.Array, k: jax.Array) -> str:
+  """The backend `sparse_attention` runs: "splash" on TPUs under "auto", else as
+  `resolve_implementation`."""
+  if implementation not in SPARSE_IMPLEMENTATIONS:
+    raise ValueError(f"sparse attention implementation {implementation!r} is unknown; choose "
+                     f"one of {SPARSE_IMPLEMENTATIONS}")
+  if implementation == "splash" or (implementation == "auto"
+                                    and jax.default_backend() == "tpu"):
+    return "splash"
+  return resolve_implementation(implementation, q, k)
+
+
+def _stream_order(pattern: str, text_len: int, grid: tuple[int, int]) -> np.ndarray:
+  """Stream positions in the order the splash kernel sees them: as they are, or for `column`
+  the text then the image in column-major order."""
+  image = np.arange(grid[0] * grid[1]).reshape(grid)
+  image = image.T if pattern == "column" else image
+  return np.concatenate([np.arange(text_len), text_len + image.reshape(-1)])
+
+
+def _splash_mask(pattern: str, text_len: int, grid: tuple[int, int],
+                 kernel: tuple[int, int]) -> np.ndarray:
+  """The pattern's mask over the reordered stream, padded to a multiple of SPLASH_BLOCK."""
+  order = _stream_order(pattern, text_len, grid)
+  length = len(order)
+  padded = -(-length // SPLASH_BLOCK) * SPLASH_BLOCK
+  mask = np.zeros((padded, padded), bool)
+  mask[:length, :length] = pattern_mask(pattern, text_len, grid, kernel)[np.ix_(order, order)]
+  pad = np.arange(length, padded)
+  mask[pad, pad] = True  # padding queries see themselves: no empty softmax
+  return mask
+
+
+def splash_blocks(pattern: str, text_len: int, grid: tuple[int, int],
+                  kernel: int | tuple[int, int] = 11) -> tuple[int, int]:
+  """(blocks the splash kernel computes, blocks of the padded stream's full [L, L] logits):
+  SPLASH_BLOCK x SPLASH_BLOCK blocks of the reordered mask with any True entry. Their ratio is
+  the FLOP ratio the kernel can realise against dense attention: at 32 text + 32 x 32 image
+  tokens 81 / 17 for row and column, 81 / 30 for the 11 x 11 conv and 81 / 45 for causal
+  dense (against query-key pair ratios of 16.75, 16.75 and 4.84: 128-token blocks are
+  coarser than a 32-token row)."""
+  grid, kernel = check_pattern(pattern, text_len, grid, kernel)
+  mask = _splash_mask(pattern, text_len, grid, kernel)
+  n = mask.shape[0] // SPLASH_BLOCK
+  kept = mask.reshape(n, SPLASH_BLOCK, n, SPLASH_BLOCK).any(axis=(1, 3))
+  return int(kept.sum()), n * n
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(pattern: str, text_len: int, grid: tuple[int, int], kernel: tuple[int, int],
+                   heads: int, interpret: bool):
+  """The splash kernel of a pattern over `heads` heads of the reordered, padded stream (its
+  block tables are built in numpy once per pattern and shape)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+      splash_attention_kernel as splash, splash_attention_mask as splash_mask)
+  mask = _splash_mask(pattern, text_len, grid, kernel)
+  blocks = {name: SPLASH_BLOCK for name in (
+      "block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv",
+      "block_kv_dkv_compute", "block_q_dq", "block_kv_dq")}
+  # Its block tables become concrete arrays even when first built inside a trace: the
+  # cached kernel outlives that trace.
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(
+        splash_mask.MultiHeadMask([splash_mask.NumpyMask(mask)] * heads),
+        block_sizes=splash.BlockSizes(**blocks), head_shards=1, q_seq_shards=1,
+        interpret=interpret)
+
+
+def _splash_attention(q, k, v, pattern, text_len, grid, kernel):
+  """`sparse_attention` on the splash kernel (module docstring), [B, L, H, D] in and out."""
+  order = _stream_order(pattern, text_len, grid)
+  inverse = np.argsort(order)
+  length = len(order)
+  padded = -(-length // SPLASH_BLOCK) * SPLASH_BLOCK
+  interpret = jax.default_backend() != "tpu"
+  scale = jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
+
+  def local(q, k, v):  # [b, L, h, D] on one device
+    splash_fn = _splash_kernel(pattern, text_len, grid, kernel, q.shape[2], interpret)
+
+    def heads_first(x):  # -> [b, h, padded, D], reordered
+      x = x if pattern != "column" else x[:, order]
+      x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0)))
+      return jnp.swapaxes(x, 1, 2)
+    out = jax.vmap(splash_fn)(heads_first(q * scale), heads_first(k), heads_first(v))
+    out = jnp.swapaxes(out, 1, 2)[:, :length]
+    return (out if pattern != "column" else out[:, inverse]).astype(q.dtype)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return local(q, k, v)
+  # Batch and heads split as the logical rules say (the axes that divide them); the stream
+  # stays whole on each device.
+  batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+  spec = fit_spec(jax.sharding.PartitionSpec(batch_axes, None, head_axes), q.shape, mesh, [])
+  return jax.shard_map(local, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+
+
 def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, pattern: str, text_len: int,
                      grid: tuple[int, int], kernel: int | tuple[int, int] = 11,
                      implementation: str = "auto", precision: Any = None) -> jax.Array:
@@ -668,7 +782,9 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, pattern: str, 
     text_len: T.
     grid: (grid_h, grid_w).
     kernel: the conv window, an odd int or (height, width).
-    implementation, precision: as `dot_product_attention`, for every block.
+    implementation: as `dot_product_attention`, for every block, or "splash" (the module
+      docstring; what "auto" runs on TPUs).
+    precision: as `dot_product_attention`.
 
   Returns:
     [B, L, H, D] in q's dtype.
@@ -679,6 +795,8 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, pattern: str, 
     raise ValueError(f"sparse self-attention over {text_len} text + {grid[0]}x{grid[1]} image "
                      f"tokens expects q, k, v of one shape [B, {length}, H, D], got "
                      f"{q.shape}, {k.shape}, {v.shape}")
+  if resolve_sparse_implementation(implementation, q, k) == "splash":
+    return _splash_attention(q, k, v, pattern, text_len, grid, size)
   if pattern == "dense":
     return dot_product_attention(q, k, v, mask=pattern_mask(pattern, text_len, grid),
                                  implementation=implementation, precision=precision)
@@ -735,7 +853,7 @@ class CausalSelfAttention(nn.Module):
   pattern: str = "dense"                 # "dense" | "row" | "column" | "conv"
   kernel: int | tuple[int, int] = 11     # conv window (odd); the paper's 11 x 11
   use_bias: bool = False                 # bias on q/k/v; the output projection always has one
-  implementation: str = "auto"           # "auto" | "einsum" | "xla" | "cudnn"
+  implementation: str = "auto"           # "auto" | "einsum" | "xla" | "cudnn" | "splash"
   precision: Any = None                  # einsum matmul precision
   dtype: Any = jnp.float32               # compute (and cache) dtype
   param_dtype: Any = jnp.float32
@@ -786,8 +904,10 @@ class CausalSelfAttention(nn.Module):
                for name, y in cache.items()}
       mask = pattern_mask(self.pattern, self.text_len, self.grid, self.kernel,
                           positions=start + jnp.arange(x.shape[1]))
+      # One query row per step: the dense backends (splash serves whole streams).
+      implementation = "auto" if self.implementation == "splash" else self.implementation
       out = dot_product_attention(q, cache["k"], cache["v"], mask=mask,
-                                  implementation=self.implementation, precision=self.precision)
+                                  implementation=implementation, precision=self.precision)
     out = _projection((x.shape[-1],), (-2, -1), ("heads", "kv", "embed"), self.dtype, True,
                       "to_out_0", self.param_dtype)(out)
     return out if cache is None else (out, cache)

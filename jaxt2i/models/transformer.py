@@ -177,7 +177,7 @@ class Transformer(nn.Module):
   # Per layer: "row" | "column" | "conv" | "dense"; None: paper_attention_patterns(depth).
   attention_patterns: Sequence[str] | None = None
   conv_kernel: int | tuple[int, int] = 11  # window of "conv" layers (odd); the paper's 11 x 11
-  attention_implementation: str = "auto"   # "auto" | "einsum" | "xla" | "cudnn"
+  attention_implementation: str = "auto"   # "auto" | "einsum" | "xla" | "cudnn" | "splash"
   precision: Any = None                    # einsum attention matmul precision
   remat: bool = False                      # recompute each block's activations in backward
   remat_policy: str = "full"               # what remat keeps: "full" | "dots" | "dots_no_batch"

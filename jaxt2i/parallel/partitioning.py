@@ -75,9 +75,11 @@ def _is_box(x: Any) -> bool:
   return isinstance(x, meta.AxisMetadata)
 
 
-def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
-              dropped: list[str]) -> PartitionSpec:
-  """Drops mesh axes that do not divide a dimension (small models on large meshes)."""
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
+             dropped: list[str]) -> PartitionSpec:
+  """Drops mesh axes that do not divide a dimension (small models on large meshes); `mesh` may
+  be abstract (`jax.sharding.get_abstract_mesh()` while tracing). Appends what it dropped to
+  `dropped`."""
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     if axes is None:
@@ -111,7 +113,7 @@ def logical_to_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
       names = leaf.names if isinstance(leaf, nn.Partitioned) else ()
       value = leaf.unbox()
       dropped: list[str] = []
-      spec = _fit_spec(nn.logical_to_mesh_axes(names, rules), value.shape, mesh, dropped)
+      spec = fit_spec(nn.logical_to_mesh_axes(names, rules), value.shape, mesh, dropped)
       if dropped:
         replicated_dims[jax.tree_util.keystr(path)] = dropped
     else:

@@ -76,7 +76,7 @@ class DalleTask(Task):
     m.mlp_ratio = 4
     m.attention_patterns = ()        # per layer row | column | conv | dense; () = the paper's
     m.conv_kernel = 11               # window of conv layers (paper: 11 x 11 at 32 x 32 tokens)
-    m.attention_implementation = "auto"  # auto | einsum | xla | cudnn
+    m.attention_implementation = "auto"  # auto | einsum | xla | cudnn | splash (auto on TPUs)
     m.remat = False                  # recompute block activations in the backward pass
     m.remat_policy = "full"          # what remat keeps: full (nothing) | dots | dots_no_batch
     m.scan_layers = False            # nn.scan over the pattern's period: compile time flat in depth
