@@ -12,14 +12,12 @@
 #
 # PYTHON picks the interpreter (benchmarks/reference_stages.sh); AE_ARGS and LDM_ARGS add
 # config overrides to a stage, e.g. LDM_ARGS='--config.train.num_steps=8000'.
-set -euo pipefail
 # shellcheck source=benchmarks/reference_stages.sh
 source "$(dirname "$0")/reference_stages.sh"
 WORKDIR=${1:-workdirs/reference}
 shift || true
 
-stage data build shapes --variant 64
-stage eval train-evaluator --image_size 64
+shapes_and_evaluator
 # shellcheck disable=SC2086  # the *_ARGS are word lists
 stage train --config configs/autoencoder_shapes.py:reference --workdir "$WORKDIR/autoencoder" \
   ${AE_ARGS:-}
