@@ -171,6 +171,9 @@ def test_splash_skips_the_blocks_the_pattern_masks(monkeypatch):
   assert attention.resolve_sparse_implementation("auto", q, q) == "splash"
   with pytest.raises(ValueError, match="'flash' is unknown; choose one of"):
     attention.resolve_sparse_implementation("flash", q, q)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(ValueError, match="'splash' is a TPU kernel.*on 'gpu' use 'auto'"):
+    attention.resolve_sparse_implementation("splash", q, q)
 
 
 def test_bad_patterns_are_named():

@@ -674,8 +674,11 @@ def resolve_sparse_implementation(implementation: str, q: jax.Array, k: jax.Arra
   if implementation not in SPARSE_IMPLEMENTATIONS:
     raise ValueError(f"sparse attention implementation {implementation!r} is unknown; choose "
                      f"one of {SPARSE_IMPLEMENTATIONS}")
-  if implementation == "splash" or (implementation == "auto"
-                                    and jax.default_backend() == "tpu"):
+  backend = jax.default_backend()
+  if implementation == "splash" and backend not in ("tpu", "cpu"):
+    raise ValueError(f"sparse attention implementation 'splash' is a TPU kernel (run in "
+                     f"interpret mode on CPUs, for tests); on {backend!r} use 'auto'")
+  if implementation == "splash" or (implementation == "auto" and backend == "tpu"):
     return "splash"
   return resolve_implementation(implementation, q, k)
 
