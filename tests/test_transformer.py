@@ -116,11 +116,13 @@ def test_sparse_attention_equals_dense_masked(pattern):
 def test_splash_backend_equals_dense_masked():
   # JAX's splash-attention kernel (the TPU backend) in Pallas' interpret mode on this CPU:
   # 4 text + 16 x 20 image tokens pad to three 128-token blocks, so the kernel skips blocks.
+  # Column (reordered to column-major) and conv (several rows per block); the model test below
+  # runs every pattern of the tiny transformer through it.
   rng = np.random.default_rng(1)
   text_len, grid, kernel = 4, (16, 20), (5, 7)
   length = text_len + grid[0] * grid[1]
   q, k, v, g = (rng.standard_normal((2, length, 2, 8)).astype(np.float32) for _ in range(4))
-  for pattern in attention.PATTERNS:
+  for pattern in ("column", "conv"):
     def splash(q, k, v, pattern=pattern):
       out, vjp = jax.vjp(functools.partial(
           attention.sparse_attention, pattern=pattern, text_len=text_len, grid=grid,
