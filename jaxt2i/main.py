@@ -84,7 +84,10 @@ def _train(argv: list[str]) -> None:
                       "samples. An existing run there is resumed.")
   flags.mark_flags_as_required(["config", "workdir"])
 
+  parsed = []  # set once the flags are parsed: later errors are the run's, not a flag's
+
   def main(args):
+    parsed.append(True)
     if len(args) > 1:
       raise app.UsageError(f"unexpected arguments {args[1:]}")
     import logging
@@ -110,6 +113,8 @@ def _train(argv: list[str]) -> None:
   try:
     app.run(main, argv=["jaxt2i train"] + argv)
   except (AttributeError, KeyError) as e:
+    if parsed:
+      raise
     # ml_collections rejects --config.FIELD overrides of fields the recipe does not have.
     sys.exit(f"jaxt2i train: {_config_field_error(e, argv)}")
 

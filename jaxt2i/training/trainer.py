@@ -134,6 +134,7 @@ class Trainer:
     self.task = task or get_task(config)
     self.mesh = mesh_lib.create_mesh(config.mesh.to_dict(), devices)
     config_lib.validate_batch(config, mesh_lib.batch_parallel_size(self.mesh), jax.process_count())
+    self.preempted = False  # set by train(); stays False for a run already at num_steps
     self.rules = partitioning.logical_axis_rules(config.sharding.strategy,
                                                  config.sharding.extra_rules)
     self.batch_sharding = partitioning.batch_sharding(self.mesh)
