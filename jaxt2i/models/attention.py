@@ -691,12 +691,17 @@ def _stream_order(pattern: str, text_len: int, grid: tuple[int, int]) -> np.ndar
   return np.concatenate([np.arange(text_len), text_len + image.reshape(-1)])
 
 
+def _splash_length(length: int) -> int:
+  """The stream length padded to a multiple of SPLASH_BLOCK."""
+  return -(-length // SPLASH_BLOCK) * SPLASH_BLOCK
+
+
 def _splash_mask(pattern: str, text_len: int, grid: tuple[int, int],
                  kernel: tuple[int, int]) -> np.ndarray:
   """The pattern's mask over the reordered stream, padded to a multiple of SPLASH_BLOCK."""
   order = _stream_order(pattern, text_len, grid)
   length = len(order)
-  padded = -(-length // SPLASH_BLOCK) * SPLASH_BLOCK
+  padded = _splash_length(length)
   mask = np.zeros((padded, padded), bool)
   mask[:length, :length] = pattern_mask(pattern, text_len, grid, kernel)[np.ix_(order, order)]
   pad = np.arange(length, padded)
@@ -744,7 +749,7 @@ def _splash_attention(q, k, v, pattern, text_len, grid, kernel):
   order = _stream_order(pattern, text_len, grid)
   inverse = np.argsort(order)
   length = len(order)
-  padded = -(-length // SPLASH_BLOCK) * SPLASH_BLOCK
+  padded = _splash_length(length)
   interpret = jax.default_backend() != "tpu"
   scale = jnp.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
 
