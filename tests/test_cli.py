@@ -70,11 +70,13 @@ def test_build_train_resume(tmp_path):
                cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resuming from" in out.stderr + out.stdout and "step 8/8" in out.stderr + out.stdout
-  # A finished run: the same command stops at once (what `make demo` does to a done stage).
+  # A finished run: the same command stops at once, without compiling (what `make demo` does
+  # to a done stage).
   out = jaxt2i(*args[:-3], "--config.train.num_steps=8", data_dir=data_dir, devices=2,
                cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "already trained to step 8" in out.stderr + out.stdout
+  assert "train step compiled" not in out.stderr + out.stdout  # it only restores
   # SIGTERM (preemption): a checkpoint, then exit status 143 so `&&` chains and schedulers
   # see an unfinished run.
   env = worker_env(2)

@@ -27,9 +27,12 @@ def run(config, workdir, tok, devices=None, source=None, task=None):
   return trainer, state
 
 
+def metric_lines(workdir):
+  return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(workdir):
-  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return np.array([l["train/loss"] for l in lines if "train/loss" in l])
+  return np.array([l["train/loss"] for l in metric_lines(workdir) if "train/loss" in l])
 
 
 STRATEGIES = {
@@ -67,10 +70,14 @@ def test_strategies_match_single_device(tmp_path, tok):
   reference = losses(tmp_path / "single")
   single_params = flat(jax.device_get(single.params))
   assert len(reference) == 3 and np.all(np.isfinite(reference))
+  assert any("eval/mse" in l for l in metric_lines(tmp_path / "single"))
   for name, ((d, f, t), strategy) in STRATEGIES.items():
+    # train.eval_at_end off: the compared runs skip compiling an eval step each.
     config = tiny_config(**{"train.num_steps": 3, "mesh.data": d, "mesh.fsdp": f,
-                            "mesh.tensor": t, "sharding.strategy": strategy})
+                            "mesh.tensor": t, "sharding.strategy": strategy,
+                            "train.eval_at_end": False})
     trainer, state = run(config, tmp_path / name, tok)
+    assert not any(k.startswith("eval/") for l in metric_lines(tmp_path / name) for k in l)
     np.testing.assert_allclose(losses(tmp_path / name), reference, rtol=2e-5, err_msg=name)
     got = flat(jax.device_get(state.params))
     for key in single_params:

@@ -180,8 +180,10 @@ class Trainer:
         self.batch_sharding, np.asarray(v), (self.config.batch_size,) + v.shape[1:])
             for k, v in local.items() if k in self.task.batch_keys}
 
-  def build(self, abstract_batch: Mapping[str, jax.ShapeDtypeStruct]) -> None:
-    """Abstract state, its shardings, the sharded init and the compiled train step."""
+  def build(self, abstract_batch: Mapping[str, jax.ShapeDtypeStruct], *,
+            compile_step: bool = True) -> None:
+    """Abstract state, its shardings, the sharded init and (unless `compile_step` is False:
+    a finished run only restores) the compiled train step."""
     task, tx, ema = self.task, self.tx, self.config.train.ema_decay > 0
     self.abstract_batch = dict(abstract_batch)
     constant_keys = tuple(task.constant_keys)
@@ -214,12 +216,14 @@ class Trainer:
     abstract_state = partitioning.with_shardings(self.abstract_state, self.state_shardings)
     abstract_constants = partitioning.with_shardings(self.abstract_constants,
                                                      self.constant_shardings)
-    start = time.perf_counter()
-    with self._sharding_context():
-      self.compiled_step = step.lower(abstract_state, abstract_constants,
-                                      self.abstract_batch).compile()
-    self.compile_seconds = time.perf_counter() - start
-    self._log_compile_report()
+    self.compiled_step = None
+    if compile_step:
+      start = time.perf_counter()
+      with self._sharding_context():
+        self.compiled_step = step.lower(abstract_state, abstract_constants,
+                                        self.abstract_batch).compile()
+      self.compile_seconds = time.perf_counter() - start
+      self._log_compile_report()
     self._eval_step = jax.jit(lambda p, c, b, r: task.evaluate({**c, **p}, b, r),
                               out_shardings=replicated)
     self.constants: dict[str, Any] | None = None
@@ -427,8 +431,11 @@ class Trainer:
       if self.task.uses_text and (self._tokenizer is not None or batches is None):
         # The run keeps its own tokenizer: sampling it needs neither the data nor its cache.
         pipeline.save_run_tokenizer(self._tokenizer_or_load(), self.workdir)
+    latest = self.checkpointer.latest_step()
+    finished = latest is not None and latest >= cfg.train.num_steps
+    # A finished run (e.g. `make demo` run again) restores without compiling its step.
     self.build(_abstract_batch(first_local, cfg.batch_size, self.batch_sharding,
-                               self.task.batch_keys))
+                               self.task.batch_keys), compile_step=not finished)
     state = self.initial_state()
     step = int(partitioning.fetch_replicated(state.step))
     if step >= cfg.train.num_steps:
@@ -485,7 +492,7 @@ class Trainer:
                           "seconds": time.perf_counter() - loop_start}
       if self.checkpointer.latest_step() != step:
         self._save(state, position)
-      if not cfg.train.eval_every or step % cfg.train.eval_every:
+      if cfg.train.eval_at_end and (not cfg.train.eval_every or step % cfg.train.eval_every):
         self.evaluate(state, step)
       return state
     finally:
