@@ -36,12 +36,14 @@ def evaluator_64():
 
 @pytest.fixture(scope="session")
 def quick_evaluator_64():
-  """A 64px evaluator trained for 60 steps (~30 s) into the tests' cache, where the scoring
-  code finds it: it exercises every scoring path, not the real one's accuracy."""
+  """A 64px evaluator trained for 30 steps of 16 scenes into the tests' cache, where the
+  scoring code finds it: it exercises every scoring path, not the real one's accuracy."""
   from jaxt2i.eval import shapes
   config = shapes.evaluator_config(64)
-  config.train.num_steps = 60
-  config.train.log_every = 20
-  config.checkpoint.every_steps = 60
-  shapes.train_evaluator(64, config=config, calibration_images=64)
+  config.batch_size = 16
+  config.data.worker_count = 0
+  config.train.num_steps = 30
+  config.train.log_every = 10
+  config.checkpoint.every_steps = 30
+  shapes.train_evaluator(64, config=config, calibration_images=32)
   return shapes.load_evaluator(64)

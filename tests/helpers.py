@@ -102,6 +102,30 @@ def train_run(config, workdir, **kwargs):
   return trainer, state
 
 
+def random_params(boxed, seed: int = 2):
+  """Random float32 params of the shapes in `boxed` (jax.eval_shape of a model's init):
+  kernels fan-in scaled like lecun_normal, norm scales near 1, the rest near 0. Tests draw
+  params this way rather than by a jitted `init`, whose compile (tens of seconds of XLA for
+  the random initialisers) would dominate them; init is still traced in full by eval_shape."""
+  import jax
+  import jax.numpy as jnp
+  from jaxt2i.parallel import partitioning
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = getattr(path[-1], "key", None)
+    if name == "kernel":
+      parent = getattr(path[-2], "key", None) if len(path) > 1 else None
+      # A 3-D attention output kernel is (heads, head_dim, out): its fan-in is the first two.
+      fan_in = np.prod(leaf.shape[:2] if len(leaf.shape) == 3 and parent in (
+          "to_out_0", "out") else leaf.shape[:-1])
+      return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(max(fan_in, 1)),
+                         jnp.float32)
+    base = 1.0 if name == "scale" else 0.0
+    return jnp.asarray(base + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
+  return jax.tree_util.tree_map_with_path(draw, partitioning.unbox(boxed))
+
+
 def override(config, **overrides):
   """Sets dotted fields: override(c, **{"model.kind": "vq", "batch_size": 8})."""
   for key, value in overrides.items():

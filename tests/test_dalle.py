@@ -22,6 +22,10 @@ pytestmark = pytest.mark.timeout(300)
 LENGTH = 20
 
 
+# The fixtures' runs are read, not evaluated: skipping the final eval skips compiling it.
+NO_FINAL_EVAL = {"train.eval_at_end": False}
+
+
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
   return Tokenizer.load(str(tokenizer_path(tmp_path_factory.mktemp("tok"))))
@@ -30,7 +34,7 @@ def tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dvae_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("dvae")
-  train_run(dvae_config("tiny"), workdir, source=records(64, 32))
+  train_run(override(dvae_config("tiny"), **NO_FINAL_EVAL), workdir, source=records(64, 32))
   return workdir
 
 
@@ -38,7 +42,7 @@ def dvae_dir(tmp_path_factory):
 def clip_dir(tmp_path_factory, tok):
   workdir = tmp_path_factory.mktemp("clip")
   config = override(clip_config("tiny"), **{"data.tokenizer": tok.path,
-                                            "data.max_caption_length": LENGTH})
+                                            "data.max_caption_length": LENGTH, **NO_FINAL_EVAL})
   train_run(config, workdir, source=records(64, 32), tokenizer=tok)
   return workdir
 
@@ -53,8 +57,8 @@ def tiny_dalle(dvae_dir, tok, **overrides):
 def dalle_run(tmp_path_factory, dvae_dir, tok):
   """Trained without CLIP: tests attach one when loading (as a user who trains CLIP later)."""
   workdir = tmp_path_factory.mktemp("dalle")
-  trainer, state = train_run(tiny_dalle(dvae_dir, tok), workdir, source=records(64, 32),
-                             tokenizer=tok)
+  trainer, state = train_run(tiny_dalle(dvae_dir, tok, **NO_FINAL_EVAL), workdir,
+                             source=records(64, 32), tokenizer=tok)
   return workdir, trainer, state
 
 

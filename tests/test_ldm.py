@@ -1,5 +1,6 @@
 """Latent diffusion end to end at tiny sizes: frozen first stage, training, guided sampling."""
 
+import functools
 import json
 import sys
 
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, override, read_item, records, tokenizer_path, train_run
+from helpers import (REPO, override, random_params, read_item, records, tokenizer_path,
+                     train_run)
 from jaxt2i.data.tokenizer import Tokenizer
 from jaxt2i.eval import runner
 from jaxt2i.tasks.base import get_task
@@ -26,8 +28,9 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def ae_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ae")
-  train_run(override(ae_config("tiny"), **{"model.disc_weight": 0.0}), workdir,
-         source=records(64, 32))
+  train_run(override(ae_config("tiny"), **{"model.disc_weight": 0.0,
+                                           "train.eval_at_end": False}),
+            workdir, source=records(64, 32))
   return workdir
 
 
@@ -58,8 +61,8 @@ def test_needs_a_first_stage():
 @pytest.fixture(scope="module")
 def ldm_run(tmp_path_factory, ae_dir, tok):
   workdir = tmp_path_factory.mktemp("ldm")
-  trainer, state = train_run(tiny_ldm(ae_dir, tok), workdir, source=records(64, 32),
-                             tokenizer=tok)
+  trainer, state = train_run(tiny_ldm(ae_dir, tok, **{"train.eval_at_end": False}), workdir,
+                             source=records(64, 32), tokenizer=tok)
   return workdir, trainer, state
 
 
@@ -98,8 +101,7 @@ def test_sampling_arguments_do_not_recompile(tok):
   size = task.config.data.image_size
   batch = {"image": jnp.zeros((1, size, size, 3)), "tokens": jnp.zeros((1, 20), jnp.int32),
            "tokens_mask": jnp.ones((1, 20), jnp.int32)}
-  from jaxt2i.parallel import partitioning
-  params = jax.jit(lambda r: partitioning.unbox(task.init(r, batch)))(jax.random.key(0))
+  params = random_params(jax.eval_shape(task.init, jax.random.key(0), batch))
   traces = []
 
   @jax.jit
@@ -171,14 +173,15 @@ def test_convert_to_diffusers(ldm_run, tmp_path, capsys):
   latents = rng.standard_normal((2,) + task.latent_shape()).astype(np.float32)
   context = rng.standard_normal((2, 5, task.text_width)).astype(np.float32)
   t = np.array([10, 700])
-  ours = task.unet.apply({"params": params["unet"]}, latents, t, context)
+  ours = jax.jit(task.unet.apply)({"params": params["unet"]}, latents, t, context)
   with torch.no_grad():
     theirs = unet(torch.from_numpy(latents.transpose(0, 3, 1, 2)), torch.from_numpy(t),
                   torch.from_numpy(context)).sample.numpy().transpose(0, 2, 3, 1)
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * np.abs(theirs).max())
   with torch.no_grad():
     theirs = vae.decode(torch.from_numpy(latents.transpose(0, 3, 1, 2))).sample.numpy()
-  ours = task.autoencoder.apply({"params": params["autoencoder"]}, latents, method="decode")
+  ours = jax.jit(functools.partial(task.autoencoder.apply, method="decode"))(
+      {"params": params["autoencoder"]}, latents)
   np.testing.assert_allclose(np.asarray(ours), theirs.transpose(0, 2, 3, 1),
                              atol=1e-4 * np.abs(theirs).max())
   # A U-Net with coordinates appended to its input has no diffusers counterpart.

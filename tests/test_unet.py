@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from helpers import random_params
 from jaxt2i.convert import diffusers_unet
 from jaxt2i.models import attention, layers, unet
 from jaxt2i.parallel import partitioning
@@ -181,28 +182,15 @@ def test_einsum_attention_steps_and_gradient(monkeypatch, chunk_bytes):
 
 
 def _tiny(**overrides):
-  """The tiny variant, inputs, its boxed param shapes and random params.
-
-  Params are drawn here rather than by a jitted `model.init`, whose compile (tens of seconds
-  of XLA for the random initialisers) would dominate these tests; init is still traced in
-  full by eval_shape.
-  """
+  """The tiny variant, inputs, its boxed param shapes and random params (helpers.random_params:
+  no init compile)."""
   model = unet.variant("tiny", **overrides)
   rng = np.random.default_rng(2)
   inputs = (jnp.asarray(rng.standard_normal((2, 8, 8, model.in_channels)), jnp.float32),
             jnp.array([10, 500]),
             jnp.asarray(rng.standard_normal((2, 5, model.cross_attention_dim)), jnp.float32))
   boxed = jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"]
-
-  def draw(path, leaf):
-    if path[-1].key == "kernel":  # fan-in scaled, like lecun_normal
-      fan_in = np.prod(leaf.shape[:-1]) if len(leaf.shape) != 3 or path[-2].key != "to_out_0" \
-          else np.prod(leaf.shape[:2])
-      return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(fan_in), jnp.float32)
-    base = 1.0 if path[-1].key == "scale" else 0.0
-    return jnp.asarray(base + 0.1 * rng.standard_normal(leaf.shape), jnp.float32)
-  params = jax.tree_util.tree_map_with_path(draw, partitioning.unbox(boxed))
-  return model, inputs, boxed, params
+  return model, inputs, boxed, random_params(boxed)
 
 
 def test_every_param_has_logical_axes_and_gradient():
