@@ -64,18 +64,22 @@ def _spec(state, path):
   return node.sharding.spec
 
 
-def test_strategies_match_single_device(tmp_path, tok):
-  config = tiny_config(**{"train.num_steps": 3, "mesh.data": 1})
+@pytest.mark.parametrize("names", [
+    ("fsdp", "fsdp_tp"),
+    # dp is most other tests' mesh; tp's specs also show in fsdp_tp.
+    pytest.param(("dp", "tp"), marks=pytest.mark.slow)])
+def test_strategies_match_single_device(tmp_path, tok, names):
+  config = tiny_config(**{"train.num_steps": 3, "mesh.data": 1, "train.eval_at_end": True})
   _, single = run(config, tmp_path / "single", tok, devices=jax.devices()[:1])
   reference = losses(tmp_path / "single")
   single_params = flat(jax.device_get(single.params))
   assert len(reference) == 3 and np.all(np.isfinite(reference))
   assert any("eval/mse" in l for l in metric_lines(tmp_path / "single"))
-  for name, ((d, f, t), strategy) in STRATEGIES.items():
-    # train.eval_at_end off: the compared runs skip compiling an eval step each.
+  for name in names:
+    (d, f, t), strategy = STRATEGIES[name]
+    # train.eval_at_end off (tiny_config's default): no eval step compiled.
     config = tiny_config(**{"train.num_steps": 3, "mesh.data": d, "mesh.fsdp": f,
-                            "mesh.tensor": t, "sharding.strategy": strategy,
-                            "train.eval_at_end": False})
+                            "mesh.tensor": t, "sharding.strategy": strategy})
     trainer, state = run(config, tmp_path / name, tok)
     assert not any(k.startswith("eval/") for l in metric_lines(tmp_path / name) for k in l)
     np.testing.assert_allclose(losses(tmp_path / name), reference, rtol=2e-5, err_msg=name)
@@ -291,7 +295,8 @@ def test_constant_subtrees_stay_out_of_state_and_checkpoints(tmp_path, tok):
   from helpers import read_item
   from jaxt2i.eval.runner import load_run
   overrides = {"mesh.data": 2, "mesh.fsdp": 4, "sharding.strategy": "fsdp",
-               "eval.shapes_prompts": 0, "data.worker_count": 0}
+               "eval.shapes_prompts": 0, "data.worker_count": 0,
+               "train.eval_at_end": True}  # the final eval sees the constants too
   straight = tiny_config(**{"train.num_steps": 4, **overrides})
   trainer, full = run(straight, tmp_path / "straight", tok, task=AdaptedTask(straight))
   assert set(full.params) == set(full.ema_params) == {"delta"}
@@ -335,7 +340,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path, tok):
 
 def test_checkpoint_items_and_workdir_layout(tmp_path, tok):
   config = tiny_config(**{"train.num_steps": 4, "checkpoint.every_steps": 2,
-                          "checkpoint.keep": 1, "mesh.data": 1})
+                          "checkpoint.keep": 1, "mesh.data": 1, "train.eval_at_end": True})
   run(config, tmp_path, tok, jax.devices()[:1])
   ckpt = tmp_path / "checkpoints"
   assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["4"]
