@@ -102,7 +102,7 @@ def trainer_defaults() -> ml_collections.ConfigDict:
   c.train.max_bad_steps = 10       # stop after this many skipped (non-finite/spike) steps in a row
   c.train.loss_spike_factor = 0.0  # skip steps whose loss > factor * running loss; 0 = off
   c.train.loss_spike_warmup = 100  # steps before the spike check starts
-  c.train.eval_every = 0           # task eval hook every N steps; 0 = only at the end
+  c.train.eval_every = 0           # task eval hook every N steps; 0 = none during training
   c.train.eval_at_end = True       # run the eval hook after the last step too
   c.train.profile_steps = ()       # (first, last) step of a jax.profiler trace; () = off
 
