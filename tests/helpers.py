@@ -103,6 +103,10 @@ def train_run(config, workdir, **kwargs):
   return trainer, state
 
 
+# For fixture runs that are read, not evaluated: skipping the final eval skips compiling it.
+NO_FINAL_EVAL = {"train.eval_at_end": False}
+
+
 def random_params(boxed, seed: int = 2):
   """Random float32 params of the shapes in `boxed` (jax.eval_shape of a model's init):
   kernels fan-in scaled like lecun_normal, norm scales near 1, the rest near 0. Tests draw

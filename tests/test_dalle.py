@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import jaxt2i
-from helpers import REPO, override, read_item, records, tokenizer_path, train_run
+from helpers import (NO_FINAL_EVAL, REPO, override, read_item, records, tokenizer_path,
+                     train_run)
 from jaxt2i.data.tokenizer import Tokenizer
 from jaxt2i.tasks.base import get_task
 from jaxt2i.training.config import ConfigError
@@ -20,10 +21,6 @@ from configs.dvae_shapes import get_config as dvae_config  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 LENGTH = 20
-
-
-# The fixtures' runs are read, not evaluated: skipping the final eval skips compiling it.
-NO_FINAL_EVAL = {"train.eval_at_end": False}
 
 
 @pytest.fixture(scope="module")

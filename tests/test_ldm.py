@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import (REPO, override, random_params, read_item, records, tokenizer_path,
-                     train_run)
+from helpers import (NO_FINAL_EVAL, REPO, override, random_params, read_item, records,
+                     tokenizer_path, train_run)
 from jaxt2i.data.tokenizer import Tokenizer
 from jaxt2i.eval import runner
 from jaxt2i.tasks.base import get_task
@@ -28,8 +28,7 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def ae_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ae")
-  train_run(override(ae_config("tiny"), **{"model.disc_weight": 0.0,
-                                           "train.eval_at_end": False}),
+  train_run(override(ae_config("tiny"), **{"model.disc_weight": 0.0, **NO_FINAL_EVAL}),
             workdir, source=records(64, 32))
   return workdir
 
@@ -61,7 +60,7 @@ def test_needs_a_first_stage():
 @pytest.fixture(scope="module")
 def ldm_run(tmp_path_factory, ae_dir, tok):
   workdir = tmp_path_factory.mktemp("ldm")
-  trainer, state = train_run(tiny_ldm(ae_dir, tok, **{"train.eval_at_end": False}), workdir,
+  trainer, state = train_run(tiny_ldm(ae_dir, tok, **NO_FINAL_EVAL), workdir,
                              source=records(64, 32), tokenizer=tok)
   return workdir, trainer, state
 
