@@ -46,6 +46,26 @@ def test_frechet_distance_on_rank_deficient_covariances():
   assert fd == pytest.approx(_reference_fd(a, b), rel=1e-5)
 
 
+def test_frechet_distance_in_sample_space_equals_the_covariance_formula():
+  """Fewer samples than dimensions takes the sample-space path (an SVD of the [N1, N2] cross
+  product); it agrees with the D x D formula on the statistics, and with scipy."""
+  rng = np.random.default_rng(3)
+  mix = rng.normal(size=(256, 256)) / 16
+  a = rng.normal(size=(40, 256)) @ mix
+  b = rng.normal(loc=0.2, size=(70, 256)) @ mix
+  fd = distribution.frechet_distance_features(a, b)
+  stats = distribution.frechet_distance(*distribution.feature_statistics(a),
+                                        *distribution.feature_statistics(b))
+  assert fd == pytest.approx(stats, rel=1e-7)
+  assert fd == pytest.approx(_reference_fd(a, b), rel=1e-5)
+  assert distribution.frechet_distance_features(b, a) == pytest.approx(fd, rel=1e-10)
+  assert abs(distribution.frechet_distance_features(a, a)) < 1e-9
+  with pytest.raises(ValueError, match="feature widths differ: 256 vs 8"):
+    distribution.frechet_distance_features(a, b[:, :8])
+  with pytest.raises(ValueError, match="at least 2 feature vectors"):
+    distribution.frechet_distance_features(a[:1], b)
+
+
 def test_kid_matches_direct_formula_and_is_unbiased():
   rng = np.random.default_rng(2)
   x, y = rng.normal(size=(60, 8)), rng.normal(loc=0.5, size=(50, 8))

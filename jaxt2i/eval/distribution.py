@@ -55,7 +55,27 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def frechet_distance_features(features1, features2) -> float:
-  return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
+  """The Frechet distance between the Gaussians fitted to two feature sets [N1, D], [N2, D].
+
+  With fewer samples than dimensions (e.g. FID's 2048 Inception features of a few hundred
+  images) it works in sample space, exactly: with A, B the centred features scaled by
+  1 / sqrt(N - 1), S1 = A^T A and S2 = B^T B, so Tr((S1 S2)^(1/2)) is the sum of the singular
+  values of A B^T [N1, N2], and Tr(S) is ||A||_F^2. That is a product and a small SVD instead
+  of two D x D eigendecompositions (~10x less work at N = 200, D = 2048).
+  """
+  x, y = _features(features1, "features1"), _features(features2, "features2")
+  if x.shape[1] != y.shape[1]:
+    raise ValueError(f"feature widths differ: {x.shape[1]} vs {y.shape[1]}")
+  if min(x.shape[0], y.shape[0]) < 2:
+    raise ValueError("need at least 2 feature vectors on each side for a covariance")
+  if max(x.shape[0], y.shape[0]) > x.shape[1]:
+    return frechet_distance(*feature_statistics(x), *feature_statistics(y))
+  mu1, mu2 = x.mean(0), y.mean(0)
+  a = (x - mu1) / np.sqrt(x.shape[0] - 1)
+  b = (y - mu2) / np.sqrt(y.shape[0] - 1)
+  trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+  diff = mu1 - mu2
+  return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2 * trace_sqrt)
 
 
 def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
