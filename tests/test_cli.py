@@ -66,19 +66,8 @@ def test_build_train_resume(tmp_path):
   metrics = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [m["step"] for m in metrics if "train/loss" in m] == [3, 6]
   assert list((workdir / "samples").glob("*.png"))
-  out = jaxt2i(*args[:-3], "--config.train.num_steps=8", data_dir=data_dir, devices=2,
-               cwd=tmp_path)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "resuming from" in out.stderr + out.stdout and "step 8/8" in out.stderr + out.stdout
-  # A finished run: the same command stops at once, without compiling (what `make demo` does
-  # to a done stage).
-  out = jaxt2i(*args[:-3], "--config.train.num_steps=8", data_dir=data_dir, devices=2,
-               cwd=tmp_path)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "already trained to step 8" in out.stderr + out.stdout
-  assert "train step compiled" not in out.stderr + out.stdout  # it only restores
-  # SIGTERM (preemption): a checkpoint, then exit status 143 so `&&` chains and schedulers
-  # see an unfinished run.
+  # Resume, then SIGTERM (preemption): a checkpoint, then exit status 143 so `&&` chains and
+  # schedulers see an unfinished run.
   env = worker_env(2)
   env["JAXT2I_DATA_DIR"] = str(data_dir)
   proc = subprocess.Popen([sys.executable, "-m", "jaxt2i", *map(str, args[:-3]),
@@ -92,8 +81,18 @@ def test_build_train_resume(tmp_path):
   proc.send_signal(signal.SIGTERM)
   log = proc.communicate(timeout=120)[0]
   assert proc.returncode == 143, log[-3000:]
+  assert "resuming from" in log and "step 7/100000" in log, log[-3000:]
   assert "jaxt2i train: preempted at step" in log and "the same command resumes" in log
   assert "Traceback" not in log
+  # A finished run: the same command stops at once, without compiling (what `make demo` does
+  # to a done stage).
+  saved = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved >= 10
+  out = jaxt2i(*args[:-3], f"--config.train.num_steps={saved}", data_dir=data_dir, devices=2,
+               cwd=tmp_path)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"already trained to step {saved}" in out.stderr + out.stdout
+  assert "train step compiled" not in out.stderr + out.stdout  # it only restores
 
 
 def test_launch_local_dry_run():

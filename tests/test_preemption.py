@@ -41,6 +41,9 @@ def assert_same_params(workdir_a, workdir_b, step):
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+# Three training processes (~50 s on 2 cores). The fast suite covers its parts: exact resume
+# (test_trainer), kill -9 mid-save then resume and SIGTERM then resume (below).
+@pytest.mark.slow
 def test_kill9_then_restart_equals_straight_run(tmp_path, tok):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   rc, out = finish(start_worker([str(straight), "12", tok, "--every", "4"]))

@@ -52,6 +52,7 @@ def test_sdxl_unet_matches_diffusers(tmp_path):
     model.apply({"params": params}, x, t, text)
 
 
+@pytest.mark.slow  # traces the 2.6B-parameter U-Net (~20 s); the tiny SDXL tests cover the code
 def test_sdxl_variant_has_sdxl_base_size():
   """UNet variant "sdxl" lays out SDXL base's U-Net: its 2,567,463,684 parameters (shapes
   only, nothing allocated)."""
