@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, override, records
+from helpers import REPO, override, random_params, records
 from jaxt2i.models.autoencoder import Autoencoder, kl_divergence
 from jaxt2i.parallel import partitioning
 from jaxt2i.tasks.autoencoder import AutoencoderTask
@@ -27,16 +27,17 @@ def test_shapes_and_finite(kind):
   ae = Autoencoder(kind=kind, latent_channels=3, block_out_channels=(16, 32, 32),
                    layers_per_block=1, groups=8, num_codes=32)
   x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
-  params = partitioning.unbox(ae.init(jax.random.key(1), x)["params"])
-  recon, post = ae.apply({"params": params}, x, jax.random.key(2))
+  params = random_params(jax.eval_shape(ae.init, jax.random.key(1), x)["params"])
+  apply = jax.jit(ae.apply, static_argnames="method")
+  recon, post = apply({"params": params}, x, jax.random.key(2))
   assert recon.shape == x.shape and np.isfinite(np.asarray(recon)).all()
   assert post["latents"].shape == (2, 8, 8, 3)  # f = 4
-  decoded = ae.apply({"params": params}, post["latents"], method="decode")
+  decoded = apply({"params": params}, post["latents"], method="decode")
   np.testing.assert_allclose(decoded, recon, atol=1e-5)
   if kind == "kl":
     # Without an rng the posterior mean is decoded: deterministic.
-    a, _ = ae.apply({"params": params}, x)
-    b, _ = ae.apply({"params": params}, x)
+    a, _ = apply({"params": params}, x)
+    b, _ = apply({"params": params}, x)
     np.testing.assert_array_equal(a, b)
   else:
     assert post["indices"].shape == (2, 8, 8)
@@ -56,7 +57,7 @@ def gan_task():
   task.validate()
   batch = {"image": jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), minval=-1,
                                        maxval=1)}
-  params = partitioning.unbox(jax.jit(task.init)(jax.random.key(1), batch))
+  params = random_params(jax.eval_shape(task.init, jax.random.key(1), batch))
   return task, params, batch
 
 

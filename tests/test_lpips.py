@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import override
+from helpers import override, random_params
 from jaxt2i.models.lpips import LPIPS, load_lpips_params
 
 torch = pytest.importorskip("torch")
@@ -96,8 +96,7 @@ def test_autoencoder_perceptual_term(reference):
   task.validate()
   assert task.frozen_keys == ("perceptual",)
   x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
-  from jaxt2i.parallel import partitioning
-  params = partitioning.unbox(jax.jit(task.init)(jax.random.key(1), {"image": x}))
+  params = random_params(jax.eval_shape(task.init, jax.random.key(1), {"image": x}))
   params["perceptual"] = task.initial_values()["perceptual"]
   step = jnp.asarray(10, jnp.int32)
 
