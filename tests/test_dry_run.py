@@ -10,7 +10,7 @@ from jaxt2i.parallel import dry_run, mesh as mesh_lib, partitioning
 
 
 def _plan(strategy, shape):
-  model = tr.variant("tiny", width=64, num_heads=4)
+  model = tr.variant("tiny", width=64, num_heads=4, depth=2, attention_patterns=("row", "conv"))
   text = jax.ShapeDtypeStruct((8, model.text_len), jnp.int32)
   image = jax.ShapeDtypeStruct((8, model.image_len), jnp.int32)
 

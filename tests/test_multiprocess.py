@@ -101,9 +101,10 @@ def _losses(workdir):
 
 
 def test_resume_on_other_topologies_continues_the_same_run(tmp_path):
-  """2 processes x 2 devices (FSDP) -> 1 process x 4 devices (FSDP) -> 1 x 1 (data
-  parallel): the same losses and weights as one uninterrupted single-device run, because
-  the data order and its checkpointed position do not depend on the topology."""
+  """2 processes x 2 devices (FSDP) -> 1 process x 1 device (data parallel): the same losses
+  and weights as one uninterrupted single-device run, because the data order and its
+  checkpointed position do not depend on the topology. (Resharding a checkpoint across
+  device counts within one process: test_trainer.test_reshard_on_restore_8_to_2_devices.)"""
   import jax
   from helpers import records
   from jaxt2i.data.tokenizer import Tokenizer
@@ -116,25 +117,24 @@ def test_resume_on_other_topologies_continues_the_same_run(tmp_path):
   workdir = tmp_path / "run"
   fsdp = ("--every", "2", "--strategy", "fsdp")
   legs = [(2, dict(mesh="1,-1,1", processes=2, devices=2), fsdp),
-          (4, dict(mesh="1,-1,1", processes=1, devices=4), fsdp),
-          (6, dict(mesh="-1,1,1", processes=1, devices=1), ("--every", "2"))]
+          (4, dict(mesh="-1,1,1", processes=1, devices=1), ("--every", "2"))]
   for steps, topology, extra in legs:
     procs = launch(workdir, steps, tok_path, logs, extra, **topology)
     codes = wait_all(procs, logs)
     assert set(codes) == {0}, (logs / "log0.txt").read_text()[-3000:]
-  assert steps_saved(workdir) == [2, 4, 6]
+  assert steps_saved(workdir) == [2, 4]
 
-  config = tiny_config(**{"train.num_steps": 6, "checkpoint.every_steps": 100})
+  config = tiny_config(**{"train.num_steps": 4, "checkpoint.every_steps": 100})
   trainer = Trainer(config, tmp_path / "straight", source=records(),
                     tokenizer=Tokenizer.load(tok_path), devices=jax.devices()[:1])
   trainer.train()
   resumed, straight = _losses(workdir), _losses(tmp_path / "straight")
-  assert sorted(resumed) == sorted(straight) == list(range(1, 7))
-  np.testing.assert_allclose([resumed[s] for s in range(1, 7)],
-                             [straight[s] for s in range(1, 7)], rtol=1e-5)
+  assert sorted(resumed) == sorted(straight) == list(range(1, 5))
+  np.testing.assert_allclose([resumed[s] for s in range(1, 5)],
+                             [straight[s] for s in range(1, 5)], rtol=1e-5)
   for item in ("params", "ema_params"):
-    _, a = read_item(workdir, item, 6)
-    _, b = read_item(tmp_path / "straight", item, 6)
+    _, a = read_item(workdir, item, 4)
+    _, b = read_item(tmp_path / "straight", item, 4)
     for key, value in flat(a).items():
       np.testing.assert_allclose(value, flat(b)[key], atol=1e-5, err_msg=f"{item} {key}")
 
