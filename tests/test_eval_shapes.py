@@ -192,6 +192,9 @@ def test_evaluator_stopped_by_sigterm_is_not_marked_ready(tmp_path, monkeypatch)
   config.train.num_steps = 4
   config.train.log_every = 1
   config.batch_size = 8
+  config.data.worker_count = 0
+  config.model.channels = (8, 16, 16)
+  config.model.feature_dim = 16
   config.checkpoint.every_steps = 100
   monkeypatch.setattr(trainer_lib._PreemptionWatcher, "reached", lambda self, step: step >= 2)
   with pytest.raises(RuntimeError, match=r"stopped at step 2 of 4; it resumes"):
