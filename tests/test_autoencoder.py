@@ -10,7 +10,6 @@ import pytest
 
 from helpers import REPO, override, random_params, records
 from jaxt2i.models.autoencoder import Autoencoder, kl_divergence
-from jaxt2i.parallel import partitioning
 from jaxt2i.tasks.autoencoder import AutoencoderTask
 from jaxt2i.training.trainer import Trainer
 

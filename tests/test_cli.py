@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import REPO, worker_env
+from helpers import REPO, steps_saved, worker_env
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -86,7 +86,7 @@ def test_build_train_resume(tmp_path):
   assert "Traceback" not in log
   # A finished run: the same command stops at once, without compiling (what `make demo` does
   # to a done stage).
-  saved = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  saved = max(steps_saved(workdir))
   assert saved >= 10
   out = jaxt2i(*args[:-3], f"--config.train.num_steps={saved}", data_dir=data_dir, devices=2,
                cwd=tmp_path)
