@@ -192,8 +192,9 @@ def _eval(argv: list[str]) -> None:
                       "(default $JAXT2I_CACHE_DIR or ~/.cache/jaxt2i)")
   parser.add_argument("--verbose", action="store_true", help="library INFO logs too")
   if action == "run":
-    parser.description = ("Samples a trained run on shapes-v1 prompts of test and test_heldout, "
-                          "scores them and writes eval.json + index.html (+ samples/).")
+    parser.description = ("Samples a trained run on shapes-v1 prompts (of test and test_heldout "
+                          "unless --splits says otherwise), scores them and writes eval.json + "
+                          "index.html (+ samples/).")
     parser.add_argument("--workdir", required=True, help="the run's directory")
     parser.add_argument("--num_prompts", type=int, default=16, help="prompts per split")
     parser.add_argument("--samples_per_prompt", type=int, default=4)
@@ -201,6 +202,11 @@ def _eval(argv: list[str]) -> None:
     parser.add_argument("--checkpoint_step", type=int, default=None,
                         help="a kept checkpoint's step (default: the latest)")
     parser.add_argument("--out", default=None, help="report directory (default: the workdir)")
+    parser.add_argument("--splits", nargs="+", default=["test", "test_heldout"],
+                        choices=["train", "test", "test_heldout"],
+                        help="shapes-v1 splits whose first --num_prompts captions are sampled; "
+                        "`train` (training captions) for choosing sampling settings without "
+                        "looking at the test prompts")
     parser.add_argument("--guidance_scale", type=float, default=None,
                         help="diffusion: classifier-free guidance scale (default: the run's "
                         "config.model.guidance_scale; 1 = no guidance)")
@@ -246,7 +252,8 @@ def _eval(argv: list[str]) -> None:
                                         samples_per_prompt=args.samples_per_prompt,
                                         seed=args.seed, out_dir=args.out,
                                         cache_dir=args.cache_dir, sampling=sampling,
-                                        clip_workdir=args.clip_workdir, step=args.checkpoint_step)
+                                        clip_workdir=args.clip_workdir, step=args.checkpoint_step,
+                                        splits=args.splits)
       out = args.out or args.workdir
       print(runner.main_summary(results))
       print(f"report: {out}/index.html  numbers: {out}/eval.json")

@@ -126,6 +126,8 @@ def test_eval_workdir_writes_report_and_is_deterministic(tmp_path, trained_run):
   again = runner.evaluate_workdir(workdir, num_prompts=3, samples_per_prompt=2,
                                   out_dir=tmp_path / "again")
   assert again["splits"] == results["splits"]
+  with pytest.raises(ValueError, match=r"unknown shapes-v1 split 'val'; choose from \['train'"):
+    runner.evaluate_workdir(workdir, num_prompts=1, splits=("test", "val"))
   with pytest.raises(ValueError, match=r"no sampling setting\(s\) \['model.guidance_scale'\]"):
     runner.evaluate_workdir(workdir, num_prompts=1, sampling={"guidance_scale": 1.0})
   # An earlier checkpoint by its step; a step not kept names those that are.
@@ -140,11 +142,14 @@ def test_eval_cli_on_a_workdir(tmp_path, trained_run):
   out = tmp_path / "report"
   result = subprocess.run([sys.executable, "-m", "jaxt2i", "eval", "--workdir", str(trained_run),
                            "--num_prompts", "2", "--samples_per_prompt", "1", "--out", str(out),
-                           "--checkpoint_step", "2"],
+                           "--checkpoint_step", "2", "--splits", "train", "test_heldout"],
                           capture_output=True, text=True, timeout=280, cwd=REPO)
   assert result.returncode == 0, result.stderr
-  assert "test_heldout: fully correct" in result.stdout
-  assert (out / "index.html").exists() and json.loads((out / "eval.json").read_text())["step"] == 2
+  assert "train: fully correct" in result.stdout and "test_heldout: fully correct" in result.stdout
+  assert "\ntest: " not in result.stdout
+  saved = json.loads((out / "eval.json").read_text())
+  assert saved["step"] == 2 and list(saved["splits"]) == ["train", "test_heldout"]
+  assert (out / "index.html").exists()
   missing = subprocess.run([sys.executable, "-m", "jaxt2i", "eval", "--workdir",
                             str(tmp_path / "nothing")], capture_output=True, text=True,
                            timeout=120, cwd=REPO)

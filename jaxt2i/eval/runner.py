@@ -33,7 +33,15 @@ REAL_FLOOR_OFFSET = 100_000  # real images for the floor come from here on, not 
 
 def eval_prompts(num_prompts: int, splits: Sequence[str] = EVAL_SPLITS
                  ) -> list[tuple[str, str]]:
-  """(split, caption) for the first `num_prompts` records of each split: fixed across runs."""
+  """(split, caption) for the first `num_prompts` records of each split: fixed across runs.
+  `train` gives training captions: for choosing sampling settings without looking at the
+  test prompts."""
+  splits = tuple(dict.fromkeys(splits))
+  for split in splits:
+    if split not in shapes_data.SPLITS:
+      raise ValueError(f"unknown shapes-v1 split {split!r}; choose from {list(shapes_data.SPLITS)}")
+  if not splits:
+    raise ValueError("no splits to evaluate")
   return [(split, shapes_data.example(split, i, 8)["caption"])
           for split in splits for i in range(num_prompts)]
 
@@ -178,15 +186,17 @@ def evaluate_workdir(workdir: epath.PathLike, *, num_prompts: int = 16,
                      samples_per_prompt: int = 4, seed: int = 0, out_dir: epath.PathLike | None = None,
                      cache_dir: str | None = None,
                      sampling: dict[str, Any] | None = None,
-                     clip_workdir: str | None = None, step: int | None = None
-                     ) -> dict[str, Any]:
+                     clip_workdir: str | None = None, step: int | None = None,
+                     splits: Sequence[str] = EVAL_SPLITS) -> dict[str, Any]:
   """Samples, scores and reports a trained run; writes eval.json + index.html to `out_dir`
   (default the workdir) and returns the results. `sampling` overrides config.model sampling
   fields of the run (e.g. {"guidance_scale": 1.0, "num_sampling_steps": 50}); `clip_workdir`
   reranks a DALL-E run with that CLIP run (see load_run); `step` picks a kept checkpoint
-  (default the latest)."""
+  (default the latest); `splits` are the shapes-v1 splits whose prompts are sampled
+  (`eval_prompts`)."""
   from jaxt2i.data import pipeline
   start = time.perf_counter()
+  prompts = eval_prompts(num_prompts, splits)  # bad splits fail before the run loads
   config, task, params = load_run(workdir, clip_workdir=clip_workdir, step=step)
   sampling = dict(sampling or {})
   unknown = sorted(set(sampling) - set(config.model.keys()))
@@ -197,7 +207,6 @@ def evaluate_workdir(workdir: epath.PathLike, *, num_prompts: int = 16,
     for key, value in sampling.items():
       config.model[key] = value
   tokenizer = pipeline.load_tokenizer(config.data, workdir)
-  prompts = eval_prompts(num_prompts)
   logging.info("sampling %d prompts x %d", len(prompts), samples_per_prompt)
   images = generate_images(task, params, tokenizer, [c for _, c in prompts],
                            samples_per_prompt=samples_per_prompt, seed=seed)
