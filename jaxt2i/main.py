@@ -102,8 +102,13 @@ def _train(argv: list[str]) -> None:
       config_lib.validate(config)
     except config_lib.ConfigError as e:
       raise app.UsageError(str(e)) from None
+    from jaxt2i.data.builders import DataSetError
     try:
       train_and_evaluate(config, flags.FLAGS.workdir)
+    except (config_lib.ConfigError, DataSetError, FileNotFoundError) as e:
+      # What the run needs and does not have (a first stage's workdir, a data set not built,
+      # a field the task rejects): one line saying so, not a traceback.
+      sys.exit(f"jaxt2i train: {e}")
     except Preempted as e:
       # 128 + SIGTERM, as if the signal had ended the process: `&&` chains (make demo) and
       # schedulers see an unfinished run, not a finished one.

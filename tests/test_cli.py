@@ -42,6 +42,15 @@ def test_unknown_command_and_bad_overrides_are_clear(tmp_path):
                "--config.batch_size=-8")
   assert out.returncode != 0 and "config.batch_size=-8" in out.stderr
   assert "Traceback" not in out.stderr
+  # What a run needs and does not have, found once it starts: one line each.
+  out = jaxt2i("train", "--config", "configs/baseline_shapes.py:tiny", "--workdir", tmp_path,
+               data_dir=tmp_path / "empty")
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert "data set 'shapes_v1/tiny' is not built" in out.stderr
+  assert "`jaxt2i data build shapes --variant tiny" in out.stderr
+  out = jaxt2i("train", "--config", "configs/ldm_shapes.py:tiny", "--workdir", tmp_path / "ldm")
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert "jaxt2i train: config.model.autoencoder_workdir is empty" in out.stderr
 
 
 def test_build_train_resume(tmp_path):

@@ -38,6 +38,11 @@ from jaxt2i.data import shapes
 log = logging.getLogger(__name__)
 
 ARRAY_RECORD = "array_record"
+
+
+class DataSetError(ValueError):
+  """A data set a config names cannot be read here: not built, ambiguous, no such version or
+  split, or stored in a format without random access. The message says what to do."""
 REPORT_NAME = "build_report.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 JSONL_NAME = "captions.jsonl"
@@ -617,12 +622,12 @@ def dataset_dir(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     configs = sorted(p.name for p in directory.iterdir() if _versions(p)) if directory.is_dir() \
         else []
     if configs:
-      raise ValueError(f"{name!r} has configs {[f'{base}/{c}' for c in configs]} in {root}; "
-                       "name one of them")
-    raise ValueError(f"data set {name!r} is not built in {root}; build it with "
-                     f"{_build_hint(base, explicit)}")
+      raise DataSetError(f"{name!r} has configs {[f'{base}/{c}' for c in configs]} in {root}; "
+                         "name one of them")
+    raise DataSetError(f"data set {name!r} is not built in {root}; build it with "
+                         f"{_build_hint(base, explicit)}")
   if version and version not in versions:
-    raise ValueError(f"{name!r}: version {version} is not in {directory} (has {versions})")
+    raise DataSetError(f"{name!r}: version {version} is not in {directory} (has {versions})")
   return directory / (version or versions[-1])
 
 
@@ -636,11 +641,11 @@ def data_source(name: str, split: str, data_dir: str | os.PathLike | None = None
   builder = tfds.builder_from_directory(directory)
   file_format = builder.info.file_format
   if file_format is None or str(getattr(file_format, "value", file_format)) != ARRAY_RECORD:
-    raise ValueError(f"{name!r} in {directory} is stored as {file_format}, not {ARRAY_RECORD}; "
-                     "regenerate it with file_format='array_record' for random access")
+    raise DataSetError(f"{name!r} in {directory} is stored as {file_format}, not {ARRAY_RECORD}; "
+                       "regenerate it with file_format='array_record' for random access")
   available = list(builder.info.splits.keys())
   if split.split("[")[0] not in available:
-    raise ValueError(f"{name!r} has no split {split!r}; available: {available}")
+    raise DataSetError(f"{name!r} has no split {split!r}; available: {available}")
   return builder.as_data_source(split)
 
 
