@@ -568,7 +568,8 @@ def _run(trainer, options: BenchOptions) -> dict[str, Any]:
       "batch_size": config.batch_size, "batch": batch_info,
       "compute_dtype": config.train.compute_dtype,
       "params": {"total": n_params, "trainable": n_trainable},
-      "compile_s": trainer.compile_seconds, "flops": flops, "xla_cost_per_device": xla,
+      "compile_s": trainer.compile_seconds, "compile_from_cache": trainer.step_from_cache,
+      "flops": flops, "xla_cost_per_device": xla,
       "memory_per_device": memory, "timing": timing,
       "steps_per_s": 1.0 / median, "examples_per_s": config.batch_size / median,
       "model_flops_per_s": flops["train"] / median, "peak": peak,
@@ -606,7 +607,9 @@ def summary(result: Mapping[str, Any], extra: Sequence[tuple[str, str]] = ()) ->
                  "trainable)"),
       ("batch", f"{r['batch_size']} examples, {r['batch']['source'].upper()}: "
                 f"{r['batch']['detail']}"),
-      ("compile", f"{r['compile_s']:.1f} s (ahead of time)"),
+      ("compile", f"{r['compile_s']:.1f} s (" + ("loaded from the compilation cache"
+                                                 if r.get("compile_from_cache")
+                                                 else "ahead of time") + ")"),
       ("FLOPs/step analytic", f"{_si(f['train'], 'FLOP')} = 3 x forward "
                               f"{_si(f['forward'], 'FLOP')} (gradient program: "
                               f"{_si(f['gradient_program'], 'FLOP')})"),

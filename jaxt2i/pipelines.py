@@ -28,24 +28,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxt2i.data import pipeline as data_pipeline
 from jaxt2i.eval.runner import load_run
 from jaxt2i.parallel import mesh as mesh_lib
+from jaxt2i.training.compilation import enable_compilation_cache
 
 
 # Arguments of Task.generate the pipeline itself fills in.
 _FIXED_ARGUMENTS = frozenset({"self", "params", "tokens", "mask", "rng", "guidance_scale",
                               "num_steps", "sampler", "eta", "negative_tokens", "negative_mask",
                               "latents", "num_candidates", "keep"})
-
-
-def enable_compilation_cache(directory: str | None = None) -> str:
-  """Turns on JAX's persistent compilation cache (unless the user configured one)."""
-  if jax.config.jax_compilation_cache_dir:
-    return jax.config.jax_compilation_cache_dir
-  from jaxt2i.eval.shapes import cache_root
-  directory = directory or str(cache_root() / "jax")
-  os.makedirs(directory, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  return directory
 
 
 class Pipeline:

@@ -109,6 +109,35 @@ def test_resume_is_exact_and_data_order_restored(tmp_path, tok):
   np.testing.assert_array_equal(losses(tmp_path / "straight"), losses(tmp_path / "resumed"))
 
 
+def test_a_restarted_run_loads_its_step_from_the_compilation_cache(tmp_path, tok):
+  from jaxt2i.eval.shapes import cache_root
+  from jaxt2i.training.compilation import enable_compilation_cache
+  config = tiny_config(**{"train.num_steps": 1, "mesh.data": 1})
+  # What the trainer turns on ($JAXT2I_CACHE_DIR/jax: the tests' own cache, conftest.py).
+  assert enable_compilation_cache() == str(cache_root() / "jax")
+  previous = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # this tiny step too
+  try:
+    run(config, tmp_path / "first", tok, devices=jax.devices()[:1])
+    again, _ = run(config, tmp_path / "again", tok, devices=jax.devices()[:1])
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+  assert list((cache_root() / "jax").glob("jit__train_step-*"))
+  assert again.step_from_cache
+  assert losses(tmp_path / "again").tolist() == losses(tmp_path / "first").tolist()
+
+
+def test_the_trainer_turns_the_compilation_cache_on_unless_told_not_to(tmp_path, monkeypatch):
+  from jaxt2i.training import compilation
+  calls = []
+  monkeypatch.setattr(compilation, "enable_compilation_cache", lambda: calls.append(1) or "d")
+  Trainer(tiny_config(), tmp_path / "on", devices=jax.devices()[:1])
+  assert calls == [1]
+  Trainer(tiny_config(**{"train.compilation_cache": False}), tmp_path / "off",
+          devices=jax.devices()[:1])
+  assert calls == [1]
+
+
 def test_reshard_on_restore_8_to_2_devices(tmp_path, tok):
   config = tiny_config(**{"train.num_steps": 2, "mesh.data": 1, "mesh.fsdp": 8,
                           "sharding.strategy": "fsdp", "batch_size": 16})

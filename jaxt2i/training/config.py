@@ -105,6 +105,8 @@ def trainer_defaults() -> ml_collections.ConfigDict:
   c.train.eval_every = 0           # task eval hook every N steps; 0 = none during training
   c.train.eval_at_end = True       # run the eval hook after the last step too
   c.train.profile_steps = ()       # (first, last) step of a jax.profiler trace; () = off
+  c.train.compilation_cache = True  # JAX's persistent compilation cache ($JAXT2I_CACHE_DIR/jax):
+                                   # a restarted run loads its compiled step instead of compiling
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"           # adamw | adam | sgd

@@ -40,6 +40,7 @@ from jaxt2i.data.tokenizer import Tokenizer
 from jaxt2i.parallel import mesh as mesh_lib
 from jaxt2i.parallel import partitioning
 from jaxt2i.tasks.base import STATE_DELTAS, STATE_UPDATES, Task, get_task
+from jaxt2i.training import compilation
 from jaxt2i.training import config as config_lib
 from jaxt2i.training import metrics as metrics_lib
 from jaxt2i.training.checkpoint import Checkpointer
@@ -129,6 +130,8 @@ class Trainer:
                tokenizer: Tokenizer | None = None, devices: Sequence[jax.Device] | None = None):
     config_lib.validate(config)
     self.config = config
+    if config.train.compilation_cache:
+      logging.info("compilation cache: %s", compilation.enable_compilation_cache())
     # Orbax needs absolute paths; URLs (gs://...) pass through unchanged.
     self.workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
     self.task = task or get_task(config)
@@ -219,10 +222,11 @@ class Trainer:
     self.compiled_step = None
     if compile_step:
       start = time.perf_counter()
-      with self._sharding_context():
+      with self._sharding_context(), compilation.count_cache_hits() as hits:
         self.compiled_step = step.lower(abstract_state, abstract_constants,
                                         self.abstract_batch).compile()
       self.compile_seconds = time.perf_counter() - start
+      self.step_from_cache = bool(hits)
       self._log_compile_report()
     self._eval_step = jax.jit(lambda p, c, b, r: task.evaluate({**c, **p}, b, r),
                               out_shardings=replicated)
@@ -259,7 +263,8 @@ class Trainer:
 
   def _log_compile_report(self) -> None:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
-    report = [f"params {n_params / 1e6:.3f}M", f"compile {self.compile_seconds:.1f}s"]
+    report = [f"params {n_params / 1e6:.3f}M", f"compile {self.compile_seconds:.1f}s"
+              + (" (loaded from the compilation cache)" if self.step_from_cache else "")]
     try:
       cost = self.compiled_step.cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
