@@ -67,6 +67,10 @@ def main():
 
   config = json.loads((ldm_dir / "config.json").read_text())
   model = config["model"]
+  ae_config = json.loads((ae_dir / "config.json").read_text())
+  ae_model = ae_config["model"]
+  factor = 2 ** (len(ae_model["block_out_channels"]) - 1)
+  latent = ae_config["data"]["image_size"] // factor
   rows = []
   for name, res in evals.items():
     s = res["sampling"]
@@ -82,7 +86,8 @@ def main():
       "(README, \"Latent diffusion\"), shapes_v1/64, batch 32, float32, one process on this "
       "CPU.\n\n"
       "| stage | steps | steps/s | training time |\n|---|---|---|---|\n"
-      f"| autoencoder (KL, f=4, 16x16x4 latents) | {ae['steps']} | {ae['steps_per_s']:.2f} | "
+      f"| autoencoder ({ae_model['kind'].upper()}, f={factor}, {latent}x{latent}x"
+      f"{ae_model['latent_channels']} latents) | {ae['steps']} | {ae['steps_per_s']:.2f} | "
       f"{ae['minutes']:.0f} min |\n"
       f"| LDM (U-Net {tuple(model['block_out_channels'])}, text encoder "
       f"{model['text_width']}x{model['text_depth']}) | {ldm_time['steps']} | "
