@@ -61,8 +61,8 @@ def get_config(arg: str | None = None):
   config.model.loss_weighting = "uniform"
 
   if variant == "reference":
-    # 0.5-0.6 steps/s on a 2-core CPU (0.58 alone): about two hours, after the first
-    # stage's ~40 minutes.
+    # 0.5-0.6 steps/s on a 2-core Xeon (0.58 alone), 0.33-0.37 on a 2-core AMD EPYC (Zen 3):
+    # two to three hours, after the first stage's 40-70 minutes.
     config.train.num_steps = 4000
   elif variant == "demo":
     # ~2 steps/s on a 2-core CPU: about 8 minutes. Scored by `jaxt2i eval` afterwards.

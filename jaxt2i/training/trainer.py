@@ -223,8 +223,9 @@ class Trainer:
     if compile_step:
       start = time.perf_counter()
       with self._sharding_context(), compilation.count_cache_hits() as hits:
-        self.compiled_step = step.lower(abstract_state, abstract_constants,
-                                        self.abstract_batch).compile()
+        lowered = step.lower(abstract_state, abstract_constants, self.abstract_batch)
+        self.lower_seconds = time.perf_counter() - start
+        self.compiled_step = lowered.compile()
       self.compile_seconds = time.perf_counter() - start
       self.step_from_cache = bool(hits)
       self._log_compile_report()
@@ -263,8 +264,11 @@ class Trainer:
 
   def _log_compile_report(self) -> None:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
-    report = [f"params {n_params / 1e6:.3f}M", f"compile {self.compile_seconds:.1f}s"
-              + (" (loaded from the compilation cache)" if self.step_from_cache else "")]
+    xla = self.compile_seconds - self.lower_seconds
+    report = [f"params {n_params / 1e6:.3f}M",
+              f"compile {self.compile_seconds:.1f}s (trace + lower {self.lower_seconds:.1f}s, "
+              + (f"loaded from the compilation cache {xla:.1f}s)" if self.step_from_cache
+                 else f"XLA {xla:.1f}s)")]
     try:
       cost = self.compiled_step.cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
