@@ -38,11 +38,6 @@ from jaxt2i.data import shapes
 log = logging.getLogger(__name__)
 
 ARRAY_RECORD = "array_record"
-
-
-class DataSetError(ValueError):
-  """A data set a config names cannot be read here: not built, ambiguous, no such version or
-  split, or stored in a format without random access. The message says what to do."""
 REPORT_NAME = "build_report.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 JSONL_NAME = "captions.jsonl"
@@ -53,6 +48,11 @@ SKIP_REASONS = ("unreadable_image", "missing_caption", "empty_caption", "unreada
 _EXIF_ORIENTATION = 0x0112
 # Below this many examples a worker pool costs more to start than it saves.
 _PARALLEL_MIN_EXAMPLES = 2048
+
+
+class DataSetError(ValueError):
+  """A data set a config names cannot be read here: not built, ambiguous, no such version or
+  split, or stored in a format without random access. The message says what to do."""
 
 
 def default_data_dir() -> str:

@@ -4,8 +4,9 @@ With it on, a process that compiles a program another process already compiled (
 restarted after preemption, a second `jaxt2i sample`) loads the executable from disk instead.
 The 8-channel LDM reference restarted on a 2-core CPU reaches its first step in 85 s instead
 of 169 s: its step loads in 29 s instead of compiling in 64 s (tracing and lowering, 14 s, are
-not cached) and its initial state in 11 s instead of 53 s. The cache lives under $JAXT2I_CACHE_DIR/jax (default ~/.cache/jaxt2i/jax) unless the user
-configured one (JAX_COMPILATION_CACHE_DIR or jax.config), which is then left as it is.
+not cached) and its initial state in 11 s instead of 53 s. The cache lives under
+$JAXT2I_CACHE_DIR/jax (default ~/.cache/jaxt2i/jax) unless the user configured one
+(JAX_COMPILATION_CACHE_DIR or jax.config), which is then left as it is.
 """
 
 from __future__ import annotations
