@@ -131,6 +131,33 @@ def random_params(boxed, seed: int = 2):
   return jax.tree_util.tree_map_with_path(draw, partitioning.unbox(boxed))
 
 
+def random_run(config, workdir, *, seed: int = 2) -> Path:
+  """`workdir` as a run of `config` holding random weights (random_params; the task's
+  pretrained subtrees, e.g. an LDM's first stage, from Task.initial_values), written by
+  save_params like converted weights: config.json and a checkpoint at step num_steps. For
+  tests that need a run to load or freeze (first stages, conversions), not a trained one:
+  nothing is compiled. Derived fields (an LDM's latent_scale) must be set in `config`."""
+  import jax
+  import jax.numpy as jnp
+  from jaxt2i.tasks.base import get_task
+  from jaxt2i.training import config as config_lib
+  from jaxt2i.training.checkpoint import save_params
+  task = get_task(config)
+  size, length = config.data.image_size, config.data.max_caption_length
+  dummy = {"image": jnp.zeros((1, size, size, 3)), "tokens": jnp.zeros((1, length), jnp.int32),
+           "tokens_mask": jnp.ones((1, length), jnp.int32)}
+  abstract = jax.eval_shape(task.init, jax.random.key(0), dummy)
+  params = {k: v for k, v in random_params(abstract, seed).items()
+            if k not in task.constant_keys}
+  params.update({k: v for k, v in (task.initial_values() or {}).items() if k in params})
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  save_params(workdir / "checkpoints", params, config_lib.to_json_dict(config),
+              step=config.train.num_steps)
+  return workdir
+
+
 def override(config, **overrides):
   """Sets dotted fields: override(c, **{"model.kind": "vq", "batch_size": 8})."""
   for key, value in overrides.items():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import jaxt2i
-from helpers import (NO_FINAL_EVAL, REPO, override, read_item, records, tokenizer_path,
-                     train_run)
+from helpers import (NO_FINAL_EVAL, REPO, override, random_run, read_item, records,
+                     tokenizer_path, train_run)
 from jaxt2i.data.tokenizer import Tokenizer
 from jaxt2i.tasks.base import get_task
 from jaxt2i.training.config import ConfigError
@@ -28,20 +28,18 @@ def tok(tmp_path_factory):
   return Tokenizer.load(str(tokenizer_path(tmp_path_factory.mktemp("tok"))))
 
 
+# The frozen parts at random weights: the transformer reads and freezes them as it would
+# trained ones (training the dVAE and CLIP: test_dvae.py, test_clip.py).
 @pytest.fixture(scope="module")
 def dvae_dir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("dvae")
-  train_run(override(dvae_config("tiny"), **NO_FINAL_EVAL), workdir, source=records(64, 32))
-  return workdir
+  return random_run(dvae_config("tiny"), tmp_path_factory.mktemp("dvae"))
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory, tok):
-  workdir = tmp_path_factory.mktemp("clip")
   config = override(clip_config("tiny"), **{"data.tokenizer": tok.path,
-                                            "data.max_caption_length": LENGTH, **NO_FINAL_EVAL})
-  train_run(config, workdir, source=records(64, 32), tokenizer=tok)
-  return workdir
+                                            "data.max_caption_length": LENGTH})
+  return random_run(config, tmp_path_factory.mktemp("clip"))
 
 
 def tiny_dalle(dvae_dir, tok, **overrides):
@@ -73,8 +71,9 @@ def test_config_errors(dvae_dir, tok):
 
 
 def run_weights(run):
-  """A run's weights as its frozen copies use them: EMA where the run kept it (not the dVAE)."""
-  ema = any((run / "checkpoints" / "4" / "ema_params").glob("*"))
+  """A run's weights as its frozen copies use them: EMA where the run kept it."""
+  step = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+  ema = any((run / "checkpoints" / str(step) / "ema_params").glob("*"))
   return read_item(run, "ema_params" if ema else "params")[1]
 
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import (NO_FINAL_EVAL, REPO, override, random_params, read_item, records,
-                     tokenizer_path, train_run)
+from helpers import (NO_FINAL_EVAL, REPO, override, random_params, random_run, read_item,
+                     records, tokenizer_path, train_run)
 from jaxt2i.data.tokenizer import Tokenizer
 from jaxt2i.eval import runner
 from jaxt2i.tasks.base import get_task
@@ -20,14 +20,21 @@ sys.path.insert(0, str(REPO))
 from configs.autoencoder_shapes import get_config as ae_config  # noqa: E402
 from configs.ldm_shapes import get_config as ldm_config  # noqa: E402
 
-# 600: the first test to use `ldm_run` also trains it (130-230 s of setup on 2 cores, more
-# on a shared machine), and pytest-timeout counts fixture setup.
+# 600: the first (slow) test to use `ldm_run` also trains it (130-230 s of setup on 2 cores,
+# more on a shared machine), and pytest-timeout counts fixture setup.
 pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
 def ae_dir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("ae")
+  """A first stage at random weights: what the LDM reads from it is the same as from a
+  trained one (trained first stages: the slow tests' `trained_ae_dir`)."""
+  return random_run(ae_config("tiny"), tmp_path_factory.mktemp("ae"))
+
+
+@pytest.fixture(scope="module")
+def trained_ae_dir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("trained_ae")
   train_run(override(ae_config("tiny"), **{"model.disc_weight": 0.0, **NO_FINAL_EVAL}),
             workdir, source=records(64, 32))
   return workdir
@@ -58,16 +65,43 @@ def test_needs_a_first_stage():
 
 
 @pytest.fixture(scope="module")
-def ldm_run(tmp_path_factory, ae_dir, tok):
+def ldm_run(tmp_path_factory, trained_ae_dir, tok):
   workdir = tmp_path_factory.mktemp("ldm")
-  trainer, state = train_run(tiny_ldm(ae_dir, tok, **NO_FINAL_EVAL), workdir,
+  trainer, state = train_run(tiny_ldm(trained_ae_dir, tok, **NO_FINAL_EVAL), workdir,
                              source=records(64, 32), tokenizer=tok)
   return workdir, trainer, state
 
 
+def test_loss_trains_the_unet_and_text_encoder_and_not_the_first_stage(ae_dir, tok):
+  """The training loss on random weights (the fast suite's LDM step; whole runs are slow
+  tests): finite, and its gradients reach every U-Net and text-encoder weight and no
+  first-stage weight."""
+  config = tiny_ldm(ae_dir, tok, **{"model.latent_scale": 0.7})
+  task = get_task(config)
+  scenes = records(8, 32)
+  tokens, mask = tok.encode([r["caption"] for r in scenes], 20)
+  batch = {"image": jnp.asarray(np.stack([r["image"] for r in scenes]) / 127.5 - 1.0,
+                                jnp.float32),
+           "tokens": jnp.asarray(tokens, jnp.int32), "tokens_mask": jnp.asarray(mask, jnp.int32)}
+  params = random_params(jax.eval_shape(task.init, jax.random.key(0), batch))
+  params["autoencoder"] = task.initial_values()["autoencoder"]
+  (loss, aux), grads = jax.jit(jax.value_and_grad(
+      lambda p: task.loss(p, batch, jax.random.key(1)), has_aux=True))(params)
+  assert np.isfinite(loss) and set(aux) == {"mse", "latent_std"}
+  assert task.frozen_keys == ("autoencoder",)
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    name, g = jax.tree_util.keystr(path), np.asarray(g)
+    assert np.isfinite(g).all(), name
+    if name.startswith("['autoencoder']"):
+      assert not g.any(), f"the frozen first stage gets a gradient at {name}"
+    else:
+      assert g.any(), f"no gradient reaches {name}"
+
+
 @pytest.mark.slow  # ~2 min on 2 cores, mostly compiling the U-Net, autoencoder and sampler
-def test_trains_with_the_first_stage_frozen(ldm_run, ae_dir, tok):
+def test_trains_with_the_first_stage_frozen(ldm_run, trained_ae_dir, tok):
   tmp_path, trainer, state = ldm_run
+  ae_dir = trained_ae_dir
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["model"]["latent_scale"] > 0
   assert saved["model"]["autoencoder"]["latent_channels"] == 4
@@ -117,10 +151,10 @@ def test_sampling_arguments_do_not_recompile(tok):
 
 @pytest.mark.slow  # ~2 min on 2 cores
 @pytest.mark.timeout(300)
-def test_tiny_ldm_overfits_four_images(tmp_path, ae_dir, tok):
+def test_tiny_ldm_overfits_four_images(tmp_path, trained_ae_dir, tok):
   """The denoising loss on 4 captioned images falls well below its starting value."""
   four = records(4, 32)
-  config = tiny_ldm(ae_dir, tok, **{
+  config = tiny_ldm(trained_ae_dir, tok, **{
       "train.num_steps": 300, "batch_size": 4, "train.log_every": 25,
       "optim.learning_rate": 2e-3, "optim.warmup_steps": 20, "model.caption_dropout": 0.0,
       "checkpoint.every_steps": 1000, "train.ema_decay": 0.0})
@@ -154,14 +188,15 @@ def test_pipeline_on_a_latent_diffusion_run(ldm_run):
     pipe([prompt], num_images_per_prompt=2, latents=np.zeros((3,) + shape[1:]), steps=3)
 
 
-def test_convert_to_diffusers(ldm_run, tmp_path, capsys):
-  """`jaxt2i convert to-diffusers` on a trained run: diffusers loads the U-Net and the
-  autoencoder and computes what jaxt2i does (the sentencepiece text encoder stays behind)."""
+def test_convert_to_diffusers(ae_dir, tok, tmp_path, capsys):
+  """`jaxt2i convert to-diffusers` on a run (random weights in a trained run's layout):
+  diffusers loads the U-Net and the autoencoder and computes what jaxt2i does (the
+  sentencepiece text encoder stays behind)."""
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   from jaxt2i import main
   from jaxt2i.eval.runner import load_run
-  workdir, _, _ = ldm_run
+  workdir = random_run(tiny_ldm(ae_dir, tok, **{"model.latent_scale": 0.7}), tmp_path / "run")
   main.run(["convert", "to-diffusers", str(workdir), str(tmp_path / "out")])
   assert json.loads(capsys.readouterr().out)["parts"] == ["unet", "vae", "scheduler"]
   config, task, params = load_run(workdir)
