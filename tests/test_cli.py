@@ -65,9 +65,11 @@ def test_build_train_resume(tmp_path):
   assert Tokenizer.load(model).decode(Tokenizer.load(model).encode(
       ["a small red circle in the top left"], 16)[0]) == ["a small red circle in the top left"]
   workdir = tmp_path / "run"  # passed relative to the working directory, as users do
+  # A fixed decay length: the resumed process below runs the same step program (only
+  # num_steps changes), so it loads it from the compilation cache the first one wrote.
   args = ("train", "--config", REPO / "configs/baseline_shapes.py:tiny", "--workdir", "run",
-          "--config.train.num_steps=6", "--config.checkpoint.every_steps=3",
-          "--config.train.log_every=3")
+          "--config.optim.decay_steps=20", "--config.train.num_steps=6",
+          "--config.checkpoint.every_steps=3", "--config.train.log_every=3")
   out = jaxt2i(*args, data_dir=data_dir, devices=2, cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   log = out.stderr + out.stdout
@@ -91,6 +93,7 @@ def test_build_train_resume(tmp_path):
   log = proc.communicate(timeout=120)[0]
   assert proc.returncode == 143, log[-3000:]
   assert "resuming from" in log and "step 7/100000" in log, log[-3000:]
+  assert "loaded from the compilation cache" in log, log[-3000:]
   assert "jaxt2i train: preempted at step" in log and "the same command resumes" in log
   assert "Traceback" not in log
   # A finished run: the same command stops at once, without compiling (what `make demo` does
