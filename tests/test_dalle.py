@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import jaxt2i
-from helpers import (NO_FINAL_EVAL, REPO, override, random_run, read_item, records,
-                     tokenizer_path, train_run)
+from helpers import (NO_FINAL_EVAL, REPO, override, random_params, random_run, read_item,
+                     records, tokenizer_path, train_run)
 from jaxt2i.data.tokenizer import Tokenizer
 from jaxt2i.tasks.base import get_task
 from jaxt2i.training.config import ConfigError
@@ -57,6 +57,12 @@ def dalle_run(tmp_path_factory, dvae_dir, tok):
   return workdir, trainer, state
 
 
+@pytest.fixture(scope="module")
+def dalle_dir(tmp_path_factory, dvae_dir, tok):
+  """A transformer run at random weights (without CLIP) for the sampling tests."""
+  return random_run(tiny_dalle(dvae_dir, tok), tmp_path_factory.mktemp("dalle_random"))
+
+
 def test_config_errors(dvae_dir, tok):
   with pytest.raises(ConfigError, match="dvae_workdir is empty"):
     get_task(dalle_config("tiny"))
@@ -83,6 +89,32 @@ def assert_same_tree(original, copy, name):
     np.testing.assert_array_equal(a, np.asarray(b), err_msg=name + jax.tree_util.keystr(path))
 
 
+def test_loss_trains_the_transformer_and_not_the_frozen_parts(dvae_dir, clip_dir, tok):
+  """The training loss on random weights (the fast suite's DALL-E step; whole runs are slow
+  tests): image cross-entropy near log(codebook size), and gradients reach every transformer
+  weight and neither the dVAE nor CLIP."""
+  task = get_task(tiny_dalle(dvae_dir, tok, **{"model.clip_workdir": str(clip_dir)}))
+  assert task.frozen_keys == ("dvae", "clip")
+  scenes = records(8, 32)
+  tokens, mask = tok.encode([r["caption"] for r in scenes], LENGTH)
+  batch = {"image": np.stack([r["image"] for r in scenes]).astype(np.float32) / 127.5 - 1.0,
+           "tokens": tokens.astype(np.int32), "tokens_mask": mask.astype(np.int32)}
+  params = random_params(jax.eval_shape(task.init, jax.random.key(0), batch))
+  params.update(task.initial_values())
+  (loss, aux), grads = jax.jit(jax.value_and_grad(
+      lambda p: task.loss(p, batch, jax.random.key(1)), has_aux=True))(params)
+  assert np.isfinite(loss)
+  assert abs(float(aux["image_loss"]) - np.log(64)) < 1.0
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    name, g = jax.tree_util.keystr(path), np.asarray(g)
+    assert np.isfinite(g).all(), name
+    if name.startswith(("['dvae']", "['clip']")):
+      assert not g.any(), f"the frozen {name} gets a gradient"
+    else:
+      assert g.any(), f"no gradient reaches {name}"
+
+
+@pytest.mark.slow  # ~50 s on 2 cores: compiling the transformer's init and train step
 def test_trains_with_frozen_parts(dalle_run, dvae_dir, clip_dir, tok):
   workdir, trainer, _ = dalle_run
   saved = json.loads((workdir / "config.json").read_text())
@@ -100,8 +132,8 @@ def test_trains_with_frozen_parts(dalle_run, dvae_dir, clip_dir, tok):
   assert abs(lines[0]["train/image_loss"] - np.log(64)) < 1.0
 
 
-def test_pipeline_samples_and_reranks(dalle_run, dvae_dir, clip_dir):
-  workdir, _, _ = dalle_run
+def test_pipeline_samples_and_reranks(dalle_dir, dvae_dir, clip_dir):
+  workdir = dalle_dir
   pipe = jaxt2i.load(workdir)
   prompts = ["a small red circle in the top left", "a large blue square at the bottom"]
   a = pipe(prompts, num_images_per_prompt=2, seed=0, output="np")
