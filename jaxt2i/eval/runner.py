@@ -163,9 +163,13 @@ def load_run(workdir: epath.PathLike, *, ema: bool = True, clip_workdir: str | N
   if step is not None and not (workdir / "checkpoints" / str(step)).exists():
     kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     raise FileNotFoundError(f"{workdir} has no checkpoint of step {step} (kept: {kept})")
-  params = restore_params(workdir / "checkpoints",
-                          {k: v for k, v in abstract.items() if k not in constant}, ema=ema,
-                          step=step)
+  # Read eagerly even inside a trace: tasks load their frozen parts (a first stage) lazily,
+  # e.g. first inside jax.eval_shape(task.init); the restored arrays are data, not values of
+  # the traced function.
+  with jax.ensure_compile_time_eval():
+    params = restore_params(workdir / "checkpoints",
+                            {k: v for k, v in abstract.items() if k not in constant}, ema=ema,
+                            step=step)
   if constant:  # e.g. a LoRA run's base model, read from where the run read it
     values = task.constant_values()
     params = {**{k: values[k] for k in constant}, **params}

@@ -40,10 +40,7 @@ def frozen_run(workdir: str, expected_task: str, field: str) -> tuple[dict, PyTr
   from jaxt2i.training.config import to_json_dict
   if not epath.Path(workdir).exists():
     raise ConfigError(f"config.model.{field}={workdir}: no such directory")
-  # Eagerly, even when first asked for inside a trace (jax.eval_shape(task.init) of a fresh
-  # task): the restored arrays are data, not values of the traced function.
-  with jax.ensure_compile_time_eval():
-    config, _, params = load_run(workdir, ema=True)
+  config, _, params = load_run(workdir, ema=True)
   if config.task != expected_task:
     raise ConfigError(f"config.model.{field}={workdir} is a {config.task!r} run, not "
                       f"{expected_task!r}")

@@ -235,10 +235,7 @@ class LatentDiffusionTask(Task):
     if getattr(self, "_ae_cache", None) is None:
       from jaxt2i.eval.runner import load_run
       workdir = epath.Path(self.config.model.autoencoder_workdir)
-      # Read eagerly even when first asked for inside a trace (e.g. jax.eval_shape(task.init)
-      # on a fresh task): the restored arrays are data, not values of the traced function.
-      with jax.ensure_compile_time_eval():
-        config, task, params = load_run(workdir, ema=False)
+      config, task, params = load_run(workdir, ema=False)
       if config.task != "autoencoder":
         raise ConfigError(f"config.model.autoencoder_workdir={workdir} is a {config.task!r} "
                           "run, not an autoencoder")
